@@ -1,0 +1,1 @@
+"""Offline tools: synthetic captioned videos, encoding videos to latent shards, inspecting shards."""
