@@ -1,0 +1,86 @@
+"""The trainer-facing loader of one data-parallel rank: batches in, stream position kept.
+
+Members of one sequence-parallel group build it with the same dp_rank and so receive identical
+batches. The position is updated only for batches handed to the trainer, so what sits in
+prefetch queues or pack buffers is never lost or counted twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch.utils.data import DataLoader
+
+from .packing import PackedBatch
+from .position import StreamPosition
+from .shards import fingerprint, list_shards
+from .stream import PackedStream, StreamSpec
+
+
+class DataQualityError(RuntimeError):
+    """Too many bad samples: the data is broken, not unlucky."""
+
+
+@dataclass
+class DataStats:
+    reads: int = 0
+    skipped: int = 0
+    by_shard: Counter = field(default_factory=Counter)
+    recent: list = field(default_factory=list)  # last few (url, key, reason)
+
+    def as_metrics(self) -> dict:
+        return {"data/skipped": self.skipped, "data/reads": self.reads,
+                "data/bad_fraction": self.skipped / max(self.reads, 1)}
+
+
+class PackedLoader:
+    def __init__(self, sources, spec: StreamSpec, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
+                 position: dict | None = None, max_bad_fraction: float = 0.05, min_reads_for_check: int = 100,
+                 prefetch_factor: int = 2, pin_memory: bool = False):
+        self.urls = list_shards(sources)
+        self.spec, self.dp_rank, self.dp_size = spec, dp_rank, dp_size
+        self.workers = max(num_workers, 1)
+        self.max_bad_fraction, self.min_reads = max_bad_fraction, min_reads_for_check
+        dataset_id = fingerprint(self.urls)
+        if position is None:
+            self.position = StreamPosition(spec.seed, dataset_id)
+        else:
+            self.position = StreamPosition.from_state_dict(position)
+            if self.position.dataset != dataset_id:
+                raise ValueError(f"the checkpoint's data position belongs to another shard list (fingerprint "
+                                 f"{self.position.dataset}, now {dataset_id}); resume needs the same dataset")
+            if self.position.seed != spec.seed:
+                raise ValueError(f"data.seed changed ({self.position.seed} -> {spec.seed}); the saved position "
+                                 "is only meaningful under the seed it was saved with")
+        self.stats = DataStats()
+        stream = PackedStream(self.urls, spec, dp_rank, dp_size, self.position)
+        self.dataloader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                     prefetch_factor=prefetch_factor if num_workers else None,
+                                     persistent_workers=False)
+        self.position.layout = (dp_size, self.workers)
+
+    def __iter__(self):
+        for batch in self.dataloader:
+            self.record(batch)
+            if batch.tokens.shape[0]:
+                yield batch
+
+    def record(self, b: PackedBatch) -> None:
+        self.position.consume(b.consumed)
+        for epoch, shard, total in b.ended:
+            self.position.shard_ended(epoch, shard, total)
+        self.position.rotation[self.dp_rank] = (b.worker + 1) % self.workers
+        self.stats.reads += b.reads
+        self.stats.skipped += len(b.skipped)
+        for url, key, reason in b.skipped:
+            self.stats.by_shard[url] += 1
+        self.stats.recent = (self.stats.recent + list(b.skipped))[-20:]
+        if self.stats.reads >= self.min_reads and self.stats.skipped > self.max_bad_fraction * self.stats.reads:
+            worst = ", ".join(f"{u} ({n})" for u, n in self.stats.by_shard.most_common(10))
+            raise DataQualityError(
+                f"{self.stats.skipped} of {self.stats.reads} samples were bad (> data.max_bad_fraction="
+                f"{self.max_bad_fraction}); shards with bad samples: {worst}. Last: {self.stats.recent[-1]}")
+
+    def state_dict(self) -> dict:
+        return self.position.state_dict()

@@ -1,0 +1,154 @@
+"""Patch n' Pack: whole samples packed back to back into rows of a fixed token budget.
+
+Per token: patch vector, (t,h,w) position, segment id (1..M; 0 = padding). Per sample slot:
+latent grid (to unpatchify) and text states packed into the row's own text budget with the
+same segment ids. A fixed budget keeps shapes static and makes sequence-parallel splits trivial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .position import SampleId
+
+
+@dataclass
+class Item:
+    """One patchified sample waiting in a pack buffer."""
+
+    sid: SampleId
+    key: str
+    tokens: torch.Tensor  # [n, patch_dim]
+    pos: torch.Tensor  # [n, 3]
+    grid: tuple[int, int, int]
+    text: torch.Tensor  # [L, text_dim]
+    caption: str
+
+    @property
+    def n(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # [R,S,patch_dim] float32
+    pos: torch.Tensor  # [R,S,3] int64 (t,h,w) in patch units
+    seg: torch.Tensor  # [R,S] int64, 1..M per sample, 0 = padding
+    text: torch.Tensor  # [R,Lt,text_dim] float32
+    text_seg: torch.Tensor  # [R,Lt] int64
+    grids: torch.Tensor  # [R,M,3] int64 latent grid (patch units) per sample slot, 0 = empty
+    keys: list[list[str]] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    # Bookkeeping for the stream position (consumed = packed here or skipped since the last batch).
+    consumed: list[SampleId] = field(default_factory=list)
+    ended: list[tuple[int, int, int]] = field(default_factory=list)  # (epoch, shard, total)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (shard url, key, reason)
+    reads: int = 0  # raw samples read since the last batch (for the bad fraction)
+    worker: int = 0  # logical worker that produced it (to resume the DataLoader's rotation)
+
+    def _tensors(self):
+        return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        for name in self._tensors():
+            setattr(self, name, getattr(self, name).to(device, non_blocking=non_blocking))
+        return self
+
+    def pin_memory(self) -> "PackedBatch":  # called by DataLoader(pin_memory=True)
+        for name in self._tensors():
+            setattr(self, name, getattr(self, name).pin_memory())
+        return self
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.seg > 0).sum())
+
+
+class Packer:
+    """Deterministic best-fit-decreasing packer over a lookahead buffer of `lookahead` samples.
+
+    A row is built only when the buffer is full (or at flush), and the buffer keeps insertion
+    order, so its contents are a pure function of the unconsumed input sequence: this is what
+    makes a resumed stream emit exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, seq_len: int, text_len: int, rows: int, max_per_row: int, lookahead: int,
+                 patch_dim: int, text_dim: int):
+        self.S, self.Lt, self.R, self.M, self.K = seq_len, text_len, rows, max_per_row, lookahead
+        self.patch_dim, self.text_dim = patch_dim, text_dim
+        self.buffer: list[Item] = []
+        self.rows: list[list[Item]] = []
+
+    def add(self, item: Item) -> list[PackedBatch]:
+        if item.n > self.S or item.text.shape[0] > self.Lt:
+            raise ValueError(f"{item.key}: {item.n} tokens / {item.text.shape[0]} text tokens exceed the row budget")
+        self.buffer.append(item)
+        out = []
+        while len(self.buffer) >= self.K:
+            out += self._take_row()
+        return out
+
+    def flush(self) -> list[PackedBatch]:
+        out = []
+        while self.buffer:
+            out += self._take_row()
+        if self.rows:
+            out.append(self._emit())
+        return out
+
+    def _take_row(self) -> list[PackedBatch]:
+        chosen, used, text_used = [], 0, 0
+        for i in sorted(range(len(self.buffer)), key=lambda i: -self.buffer[i].n):  # stable: ties keep order
+            it = self.buffer[i]
+            if len(chosen) < self.M and used + it.n <= self.S and text_used + it.text.shape[0] <= self.Lt:
+                chosen.append(i)
+                used += it.n
+                text_used += it.text.shape[0]
+        keep = set(chosen)
+        self.rows.append([self.buffer[i] for i in sorted(chosen)])
+        self.buffer = [it for i, it in enumerate(self.buffer) if i not in keep]
+        return [self._emit()] if len(self.rows) == self.R else []
+
+    def _empty(self) -> PackedBatch:
+        return self._emit()
+
+    def _emit(self) -> PackedBatch:
+        R = len(self.rows)
+        b = PackedBatch(
+            tokens=torch.zeros(R, self.S, self.patch_dim), pos=torch.zeros(R, self.S, 3, dtype=torch.long),
+            seg=torch.zeros(R, self.S, dtype=torch.long), text=torch.zeros(R, self.Lt, self.text_dim),
+            text_seg=torch.zeros(R, self.Lt, dtype=torch.long), grids=torch.zeros(R, self.M, 3, dtype=torch.long))
+        for r, row in enumerate(self.rows):
+            at, tat = 0, 0
+            for j, it in enumerate(row):
+                b.tokens[r, at : at + it.n] = it.tokens
+                b.pos[r, at : at + it.n] = it.pos
+                b.seg[r, at : at + it.n] = j + 1
+                L = it.text.shape[0]
+                b.text[r, tat : tat + L] = it.text
+                b.text_seg[r, tat : tat + L] = j + 1
+                b.grids[r, j] = torch.tensor(it.grid)
+                at, tat = at + it.n, tat + L
+            b.keys.append([it.key for it in row])
+            b.captions.append([it.caption for it in row])
+            b.consumed.extend(it.sid for it in row)
+        self.rows = []
+        return b
+
+
+def unpack(batch: PackedBatch, values: torch.Tensor, patch, channels: int) -> list[list[torch.Tensor]]:
+    """values [R,S,patch_dim] (e.g. model output) -> per row, per sample latent [C,T,H,W]."""
+    from .patchify import unpatchify
+
+    out = []
+    for r in range(values.shape[0]):
+        row = []
+        for j in range(batch.grids.shape[1]):
+            grid = tuple(int(g) for g in batch.grids[r, j])
+            if grid[0] == 0:
+                break
+            row.append(unpatchify(values[r][batch.seg[r] == j + 1], grid, patch, channels))
+        out.append(row)
+    return out

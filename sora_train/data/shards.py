@@ -1,0 +1,71 @@
+"""Shard sources: a directory, a brace pattern, or `pipe:` commands, in one fixed order.
+
+Trust boundary: a `pipe:` source runs its command in a shell. Sources come only from the run's
+configuration (never from data), so whoever can edit the config can already run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import braceexpand
+
+
+def list_shards(sources: str | list[str]) -> list[str]:
+    """Expands each source to shard URLs; the order is the source order, then sorted per directory."""
+    urls: list[str] = []
+    for source in [sources] if isinstance(sources, str) else list(sources):
+        if source.startswith("pipe:") or "{" in source:
+            urls.extend(braceexpand.braceexpand(source))
+        elif Path(source).is_dir():
+            found = sorted(str(p) for p in Path(source).glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"no *.tar shards in {source}")
+            urls.extend(found)
+        elif Path(source).is_file():
+            urls.append(source)
+        else:
+            raise FileNotFoundError(f"shard source {source!r} is not a directory, file, brace pattern or pipe: URL")
+    if not urls:
+        raise FileNotFoundError(f"no shards found in {sources!r}")
+    return urls
+
+
+def fingerprint(urls: list[str]) -> str:
+    """Identity of the shard list (by file name, so a dataset moved to another mount still matches)."""
+    names = [u.rsplit("/", 1)[-1].split()[-1] if not u.startswith("pipe:") else u for u in urls]
+    return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+
+
+def load_manifest(sources: str | list[str]) -> dict | None:
+    """manifest.json beside the shards of the first local source, if there is one."""
+    first = sources if isinstance(sources, str) else sources[0]
+    if first.startswith("pipe:"):
+        return None
+    base = Path(first) if Path(first).is_dir() else Path(first.split("{")[0]).parent
+    path = base / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class ManifestMismatch(ValueError):
+    """The shards were encoded for a different model (channels, text width, patch)."""
+
+
+def check_manifest(manifest: dict, channels: int, text_dim: int, patch: tuple[int, int, int]) -> None:
+    """Refuses data that does not fit the model, before any step runs; names the key to fix."""
+    problems = []
+    have_c = manifest["codec"]["latent_channels"]
+    if have_c != channels:
+        problems.append(f"latent channels: shards have {have_c} ({manifest['codec']['name']}), "
+                        f"model.in_channels={channels}")
+    have_d = manifest["text_encoder"]["width"]
+    if have_d != text_dim:
+        problems.append(f"text width: shards have {have_d} ({manifest['text_encoder']['name']}), model.text_dim={text_dim}")
+    snapped = manifest.get("patch_size", [1, 1, 1])
+    if any(s % p for s, p in zip(snapped, patch)):
+        problems.append(f"patch size: shards were snapped to multiples of {snapped}, model.patch_size={list(patch)} "
+                        "does not divide them")
+    if problems:
+        raise ManifestMismatch("the dataset does not match the model: " + "; ".join(problems))

@@ -1,0 +1,128 @@
+"""The per-rank, per-worker packed stream: read shards in the global order, decode, patchify, pack."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .decode import BadSample, decode_clip
+from .packing import Item, PackedBatch, Packer
+from .patchify import patchify
+from .position import StreamPosition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything that fixes the stream; the loader's slice of the run config."""
+
+    seq_len: int = 4096
+    text_len: int = 256
+    rows: int = 1  # rows per micro-batch
+    max_per_row: int = 64
+    lookahead: int = 64
+    seed: int = 0
+    epochs: int | None = None  # None: stream forever, epoch after epoch
+    caption_dropout: float = 0.1
+    oversize: str = "crop_time"  # or "skip"
+    patch: tuple[int, int, int] = (1, 2, 2)
+    channels: int = 48
+    text_dim: int = 384
+
+
+def permutation(n: int, *key: int) -> np.ndarray:
+    return np.random.default_rng([abs(int(k)) for k in key]).permutation(n)
+
+
+def read_shard(url: str, on_error) -> list[dict]:
+    """All raw samples of one shard (bytes, undecoded). A broken tar ends the shard where it breaks."""
+    def handler(exn: Exception) -> bool:
+        on_error(url, "<tar>", f"{type(exn).__name__}: {exn}")
+        return False  # stop reading this shard: a broken tar stream cannot be resynchronised
+
+    return list(wds.tarfile_to_samples(handler=handler)([{"url": url}]))
+
+
+class PackedStream(IterableDataset):
+    def __init__(self, urls: list[str], spec: StreamSpec, dp_rank: int, dp_size: int, position: StreamPosition):
+        self.urls, self.spec, self.dp_rank, self.dp_size = urls, spec, dp_rank, dp_size
+        self.position = StreamPosition.from_state_dict(position.state_dict())  # private copy: the consumer updates its own
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        rotation = self.position.rotation.get(self.dp_rank, 0) if self.position.layout == (self.dp_size, workers) else 0
+        logical = (wid + rotation) % workers
+        torch.set_num_threads(1) if info else None
+        yield from self.batches(self.dp_rank * workers + logical, self.dp_size * workers, logical)
+
+    def batches(self, slot: int, num_slots: int, worker: int):
+        spec, pos, n_shards = self.spec, self.position, len(self.urls)
+        packer = Packer(spec.seq_len, spec.text_len, spec.rows, spec.max_per_row, spec.lookahead,
+                        spec.channels * int(np.prod(spec.patch)), spec.text_dim)
+        pending = {"consumed": [], "ended": [], "skipped": [], "reads": 0}
+
+        def skip(url, key, reason, sid=None):
+            log.warning("skipping sample %s in %s: %s", key, url, reason)
+            pending["skipped"].append((url, key, reason))
+            if sid is not None:
+                pending["consumed"].append(sid)
+
+        def attach(b: PackedBatch) -> PackedBatch:
+            b.consumed += pending["consumed"]
+            b.ended, b.skipped, b.reads, b.worker = pending["ended"], pending["skipped"], pending["reads"], worker
+            pending.update(consumed=[], ended=[], skipped=[], reads=0)
+            return b
+
+        epoch = 0
+        while len(pos.done.get(epoch, ())) >= n_shards:
+            epoch += 1
+        while spec.epochs is None or epoch < spec.epochs:
+            for j, shard in enumerate(permutation(n_shards, spec.seed, epoch)):
+                shard = int(shard)
+                if j % num_slots != slot or pos.shard_done(epoch, shard):
+                    continue
+                url, seen = self.urls[shard], pos.consumed_in(epoch, shard)
+                raws = read_shard(url, skip)
+                for idx, r in enumerate(permutation(len(raws), spec.seed, epoch, shard)):
+                    if idx in seen:
+                        continue
+                    pending["reads"] += 1
+                    sid, raw = (epoch, shard, idx), raws[int(r)]
+                    try:
+                        item = self.make_item(sid, raw)
+                    except BadSample as e:
+                        skip(url, raw.get("__key__", "?"), str(e), sid)
+                        continue
+                    for b in packer.add(item):
+                        yield attach(b)
+                pending["ended"].append((epoch, shard, len(raws)))
+            epoch += 1
+        for b in packer.flush():
+            yield attach(b)
+        if any(pending[k] for k in ("consumed", "ended", "skipped")):  # bookkeeping with no rows left to carry it
+            yield attach(packer._empty())
+
+    def make_item(self, sid, raw: dict) -> Item:
+        spec = self.spec
+        clip = decode_clip(raw, spec.channels, spec.text_dim, spec.patch)
+        latent = torch.from_numpy(clip.latent)
+        tokens, positions = patchify(latent, spec.patch)
+        grid = tuple(s // p for s, p in zip(latent.shape[1:], spec.patch))
+        if tokens.shape[0] > spec.seq_len:
+            per_t = grid[1] * grid[2]
+            keep = spec.seq_len // per_t
+            if spec.oversize != "crop_time" or keep == 0:
+                raise BadSample(f"{tokens.shape[0]} tokens exceed the budget of {spec.seq_len} (oversize={spec.oversize})")
+            tokens, positions, grid = tokens[: keep * per_t], positions[: keep * per_t], (keep, grid[1], grid[2])
+        text, caption = torch.from_numpy(clip.text[: spec.text_len]), clip.caption
+        drop = np.random.default_rng([spec.seed, *sid, 1]).random() < spec.caption_dropout
+        if drop:  # the unconditional "caption": one zero vector, also what the sampler feeds for CFG
+            text, caption = torch.zeros(1, spec.text_dim), ""
+        return Item(sid, clip.key, tokens, positions, grid, text, caption)

@@ -1,0 +1,26 @@
+import logging
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=FutureWarning)
+logging.getLogger("sora_train.data.stream").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A small synthetic dataset encoded with the pixel codec: 48 clips in 6 shards."""
+    from data_tools.encode import EncodePolicy, run
+    from data_tools.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data")
+    captions = generate(root / "raw", 48, seed=1, min_size=32, max_size=64, min_frames=4, max_frames=12)
+    policy = EncodePolicy(patch_size=(1, 2, 2), max_pixels=48 * 48, max_frames=8)
+    run(str(captions), str(root / "shards"), {"kind": "pixel", "factors": (1, 4, 4)}, None, policy,
+        clips_per_shard=8, progress=False)
+    return root

@@ -1,0 +1,207 @@
+import io
+import itertools
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.encode import EncodePolicy, npy_bytes, prepare_frames
+from sora_train.codecs import PixelCodec
+from sora_train.data import (DataQualityError, ManifestMismatch, PackedLoader, StreamPosition, StreamSpec,
+                             check_manifest, list_shards, load_manifest, unpack)
+from sora_train.video_io import read_video
+
+SPEC = StreamSpec(seq_len=512, text_len=96, rows=2, max_per_row=16, lookahead=8, epochs=1, caption_dropout=0.0,
+                  patch=(1, 2, 2), channels=48, text_dim=384)
+
+
+def all_keys(loader):
+    return [k for b in loader for row in b.keys for k in row]
+
+
+def test_round_trip_video_to_packed_batch_is_exact(dataset):
+    shards = dataset / "shards"
+    manifest = load_manifest(str(shards))
+    assert manifest["samples"] == 48 and len(manifest["shards"]) == 6
+    rows = [json.loads(line) for line in open(dataset / "raw" / "captions.jsonl")]
+    codec, policy = PixelCodec((1, 4, 4)), EncodePolicy(patch_size=(1, 2, 2), max_pixels=48 * 48, max_frames=8)
+    checked = 0
+    for batch in PackedLoader(str(shards), SPEC):
+        latents = unpack(batch, batch.tokens, SPEC.patch, SPEC.channels)
+        for r, row_keys in enumerate(batch.keys):
+            for key, latent in zip(row_keys, latents[r]):
+                chunk, j = (int(x) for x in key[1:].split("_"))
+                frames, fps = read_video(dataset / "raw" / rows[chunk * 8 + j]["path"])
+                expected = codec.encode(prepare_frames(frames, fps, policy, codec))[0].half().float()
+                assert torch.equal(latent, expected), key
+                checked += 1
+    assert checked == 48
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dp_ranks_and_workers_cover_one_epoch_exactly_once(dataset, workers):
+    seen = [all_keys(PackedLoader(str(dataset / "shards"), SPEC, dp_rank=r, dp_size=2, num_workers=workers))
+            for r in range(2)]
+    assert set(seen[0]).isdisjoint(seen[1])
+    together = seen[0] + seen[1]
+    assert len(together) == len(set(together)) == 48
+
+
+def test_packing_puts_whole_samples_in_rows_within_budget(dataset):
+    for b in PackedLoader(str(dataset / "shards"), SPEC):
+        assert b.tokens.shape[1:] == (512, 192) and b.text.shape[1] == 96
+        for r in range(b.seg.shape[0]):
+            segs = b.seg[r][b.seg[r] > 0]
+            assert torch.all(segs[1:] >= segs[:-1])  # contiguous segments in order
+            for j in range(len(b.keys[r])):
+                g = b.grids[r, j]
+                assert int((b.seg[r] == j + 1).sum()) == int(g.prod())
+                assert int((b.text_seg[r] == j + 1).sum()) > 0
+
+
+def _take(loader, n):
+    """The first n batches (fewer where the rank's share of a finite epoch is smaller)."""
+    return list(itertools.islice(iter(loader), n))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_exactly_the_uninterrupted_batches(dataset, workers):
+    spec = StreamSpec(**{**SPEC.__dict__, "epochs": None, "rows": 1, "seq_len": 384})  # endless, several epochs
+    full = _take(PackedLoader(str(dataset / "shards"), spec, num_workers=workers), 40)
+    first = PackedLoader(str(dataset / "shards"), spec, num_workers=workers)
+    _take(first, 17)
+    state = json.loads(json.dumps(first.state_dict()))  # through JSON, as the checkpoint stores it
+    resumed = _take(PackedLoader(str(dataset / "shards"), spec, num_workers=workers, position=state), 23)
+    for a, b in zip(full[17:], resumed):
+        assert a.keys == b.keys
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.text, b.text) and torch.equal(a.pos, b.pos)
+
+
+@pytest.mark.parametrize("before,after", [(4, 2), (2, 4), (3, 1)])
+def test_elastic_resume_consumes_every_sample_once(dataset, before, after):
+    src = str(dataset / "shards")
+    loaders = [PackedLoader(src, SPEC, dp_rank=r, dp_size=before, num_workers=2) for r in range(before)]
+    seen = []
+    for ld in loaders:
+        seen += [k for b in _take(ld, 2) for row in b.keys for k in row]
+    merged = StreamPosition.merge([ld.position for ld in loaders]).state_dict()
+    for r in range(after):
+        seen += all_keys(PackedLoader(src, SPEC, dp_rank=r, dp_size=after, num_workers=1, position=merged))
+    assert len(seen) == len(set(seen)) == 48
+
+
+def test_resume_refuses_another_dataset_or_seed(dataset, tmp_path):
+    ld = PackedLoader(str(dataset / "shards"), SPEC)
+    _take(ld, 1)
+    state = ld.state_dict()
+    one = sorted((dataset / "shards").glob("*.tar"))[0]
+    (tmp_path / one.name).write_bytes(one.read_bytes())
+    with pytest.raises(ValueError, match="another shard list"):
+        PackedLoader(str(tmp_path), SPEC, position=state)
+    with pytest.raises(ValueError, match="data.seed changed"):
+        PackedLoader(str(dataset / "shards"), StreamSpec(**{**SPEC.__dict__, "seed": 5}), position=state)
+
+
+def test_shard_sources_directory_brace_and_pipe(dataset):
+    d = dataset / "shards"
+    assert len(list_shards(str(d))) == 6
+    assert list_shards(f"{d}/shard-{{000000..000005}}.tar") == list_shards(str(d))
+    piped = [f"pipe:cat {u}" for u in list_shards(str(d))]
+    assert sorted(all_keys(PackedLoader(piped, SPEC))) == sorted(all_keys(PackedLoader(str(d), SPEC)))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        list_shards(str(d / "missing"))
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _sample(key, latent, text=np.zeros((4, 384), np.float16)):
+    s = {"__key__": key, "latent.npy": npy_bytes(latent), "txt": "x", "json": "{}"}
+    if text is not None:
+        s["text.npy"] = npy_bytes(text)
+    return s
+
+
+def _write_tar(path, samples):
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+
+
+def _bad_dir(dataset, tmp_path):
+    """Good shards plus one shard of bad samples and one truncated shard."""
+    for p in sorted((dataset / "shards").glob("*.tar")):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    good = np.zeros((48, 2, 4, 4), np.float16)
+    obj = io.BytesIO()
+    np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    samples = [_sample("wrong_shape", np.zeros((7, 2, 4, 4), np.float16)),
+               _sample("nan", np.full((48, 2, 4, 4), np.nan, np.float16)),
+               _sample("no_text", good, text=None),
+               {**_sample("pickled", good), "latent.npy": obj.getvalue()},
+               {**_sample("garbage", good), "latent.npy": b"\x93NUMPY garbage"},
+               _sample("fine", good)]
+    _write_tar(tmp_path / "shard-bad.tar", samples)
+    whole = (sorted((dataset / "shards").glob("*.tar"))[0]).read_bytes()
+    (tmp_path / "shard-truncated.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    return tmp_path
+
+
+def test_bad_samples_are_skipped_counted_and_named(dataset, tmp_path):
+    ld = PackedLoader(str(_bad_dir(dataset, tmp_path)), SPEC, max_bad_fraction=0.5)
+    keys = all_keys(ld)
+    reasons = {key: reason for url, key, reason in ld.stats.recent}
+    assert {"wrong_shape", "nan", "no_text", "pickled", "garbage"} <= set(reasons)
+    assert "fine" in keys and not {"wrong_shape", "nan", "no_text", "pickled", "garbage"} & set(keys)
+    assert "latent shape (7, 2, 4, 4)" in reasons["wrong_shape"] and "NaN" in reasons["nan"]
+    assert "text.npy" in reasons["no_text"] and "npy" in reasons["pickled"]
+    assert any(u.endswith("shard-truncated.tar") and k == "<tar>" for u, k, _ in ld.stats.recent)
+    truncated = ld.stats.by_shard[str(tmp_path / "shard-truncated.tar")]
+    assert ld.stats.by_shard[str(tmp_path / "shard-bad.tar")] == 5 and truncated >= 1  # tar error + a partial sample
+    assert ld.stats.skipped == 5 + truncated
+    assert len(keys) == len(set(keys)) and len(keys) > 48  # 48 good + "fine" + the truncated shard's intact half
+
+
+def test_too_many_bad_samples_stops_with_the_shards_named(dataset, tmp_path):
+    with pytest.raises(DataQualityError, match="shard-bad.tar"):
+        all_keys(PackedLoader(str(_bad_dir(dataset, tmp_path)), SPEC, max_bad_fraction=0.01, min_reads_for_check=10))
+
+
+def test_manifest_that_does_not_match_the_model_is_refused(dataset):
+    m = load_manifest(str(dataset / "shards"))
+    check_manifest(m, 48, 384, (1, 2, 2))
+    with pytest.raises(ManifestMismatch, match="latent channels.*in_channels=16"):
+        check_manifest(m, 16, 384, (1, 2, 2))
+    with pytest.raises(ManifestMismatch, match="text width.*text_dim=768"):
+        check_manifest(m, 48, 768, (1, 2, 2))
+    with pytest.raises(ManifestMismatch, match="patch size"):
+        check_manifest(m, 48, 384, (1, 4, 4))
+
+
+def test_encoder_skips_bad_videos_resumes_and_splits_array_tasks(tmp_path):
+    from data_tools.encode import run
+    from data_tools.synthetic import generate
+
+    captions = generate(tmp_path / "raw", 6, seed=3, min_size=32, max_size=48, min_frames=4, max_frames=6)
+    (tmp_path / "raw" / "videos" / "clip_000001.mp4").write_bytes(b"not a video")
+    with open(captions, "a") as f:
+        f.write(json.dumps({"path": "videos/missing.mp4", "caption": "gone"}) + "\n")
+    policy, kw = EncodePolicy(max_pixels=32 * 32, max_frames=4), {"kind": "pixel"}
+    out = tmp_path / "shards"
+    assert run(str(captions), str(out), kw, None, policy, clips_per_shard=2, num_tasks=2, task_index=0,
+               progress=False) is None  # task 1's shards are missing: no manifest yet
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000002.tar"]
+    stamp = (out / "shard-000000.tar").stat().st_mtime_ns
+    manifest = json.loads(run(str(captions), str(out), kw, None, policy, clips_per_shard=2, num_tasks=2,
+                              task_index=1, progress=False).read_text())
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == stamp
+    assert manifest["samples"] == 5 and manifest["failures"] == 2 and len(manifest["shards"]) == 4
+    failures = [json.loads(line) for line in open(out / "failures.jsonl")]
+    assert {Path(f["path"]).name for f in failures} == {"clip_000001.mp4", "missing.mp4"}
+    run(str(captions), str(out), kw, None, policy, clips_per_shard=2, progress=False)  # rerun: all skipped
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == stamp
