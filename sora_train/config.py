@@ -1,0 +1,142 @@
+"""Typed config schemas: the one source of defaults. conf/*.yaml holds presets; the CLI overrides.
+
+Registered with Hydra's ConfigStore so that unknown keys and wrong types fail at composition,
+before any process group or data work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from .diffusion import DiffusionConfig
+from .parallel.deepspeed_config import ParallelConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    in_channels: int = 48
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    dim: int = 192
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    cross_attention: bool = True
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    attention: str = "sdpa"
+    max_segments: int = 64
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # shard source: directory, brace pattern, or pipe: command(s)
+    val: Optional[str] = None
+    seq_len: int = 2048
+    text_len: int = 256
+    rows: int = 1  # rows per micro-batch
+    max_per_row: int = 64
+    lookahead: int = 64
+    num_workers: int = 1
+    seed: int = 0
+    caption_dropout: float = 0.1
+    oversize: str = "crop_time"
+    max_bad_fraction: float = 0.05
+    min_reads_for_check: int = 200
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    steps: int = 1000
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <out_dir>/checkpoints
+    every: int = 500
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest in dir if any) | never | <path to a step directory>
+    min_free_gb: float = 0.0  # refuse to start when the checkpoint disk has less room than this
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    enabled: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "sora_train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: list[str] = field(default_factory=list)
+    val_every: int = 0
+    val_batches: int = 8
+    peak_tflops: Optional[float] = None  # device dense bf16 peak; default from a table of known devices
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    watchdog_s: float = 900.0  # no step finished in this long: dump stacks and abort (hang protection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = MISSING  # a step directory, a run's checkpoints dir (-> latest), or an export dir
+    prompts: list[str] = field(default_factory=lambda: ["a red heart beating on a black background"])
+    out_dir: str = "samples"
+    frames: int = 8  # latent frames
+    height: int = 48  # pixels
+    width: int = 48
+    steps: int = 30
+    guidance: float = 4.0
+    sampler: Optional[str] = None  # default: the checkpoint's diffusion.sampler
+    seed: int = 0
+    fps: int = 8
+    use_ema: bool = True
+    device: str = "auto"
+    text_encoder: Optional[str] = None  # default: the one named in the checkpoint's dataset manifest
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+
+
+def to_container(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

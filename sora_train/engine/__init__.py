@@ -1,0 +1,1 @@
+"""Training machinery around the model: checkpoints, EMA, metrics."""

@@ -1,0 +1,101 @@
+"""Throughput maths (tokens/s, MFU) and the one log() that feeds console, JSONL and W&B."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0,
+               "B200": 2250.0, "GH200": 989.0}
+
+
+def device_peak_tflops(override: float | None = None) -> float | None:
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+class Throughput:
+    """Per log window: tokens/s, samples/s, achieved TFLOP/s and MFU per device."""
+
+    def __init__(self, peak_tflops: float | None, world_size: int):
+        self.peak, self.world = peak_tflops, world_size
+        self.reset()
+
+    def reset(self):
+        self.t0, self.tokens, self.samples, self.flops = time.perf_counter(), 0, 0, 0.0
+        self.data_s, self.compute_s, self.optim_s = 0.0, 0.0, 0.0
+
+    def add(self, tokens: int, samples: int, flops: float):
+        self.tokens, self.samples, self.flops = self.tokens + tokens, self.samples + samples, self.flops + flops
+
+    def summary(self) -> dict:
+        """Per-rank figures; tokens/s is for this rank's share (multiply by dp for the job)."""
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"perf/tokens_per_s": self.tokens / dt, "perf/samples_per_s": self.samples / dt,
+               "perf/tflops": self.flops / dt / 1e12, "time/data_wait_s": self.data_s,
+               "time/fwd_bwd_s": self.compute_s, "time/optimizer_s": self.optim_s,
+               "time/data_wait_pct": 100 * self.data_s / dt}
+        if self.peak:
+            out["perf/mfu"] = out["perf/tflops"] / self.peak
+        if torch.cuda.is_available():
+            out["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+
+
+class MetricLogger:
+    """Rank 0 logs: console line, metrics.jsonl, and W&B (offline by default)."""
+
+    CONSOLE = ("loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/mfu", "eta_min")
+
+    def __init__(self, out_dir: str | Path, enabled: bool, wandb_cfg=None, config: dict | None = None,
+                 run_id: str | None = None):
+        self.enabled, self.run = enabled, None
+        self.run_id = run_id
+        if not enabled:
+            return
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.out / "metrics.jsonl", "a")
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                                  mode=wandb_cfg.mode, dir=str(self.out), config=config, id=run_id,
+                                  resume="allow" if run_id else None)
+            self.run_id = self.run.id
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
+                                for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        shown = [f"{k.split('/')[-1]}={row[k]:.4g}" for k in self.CONSOLE if isinstance(row.get(k), float)]
+        print(f"step {step:>7} " + " ".join(shown), flush=True)
+
+    def log_videos(self, step: int, paths: list[Path], captions: list[str]) -> None:
+        if self.enabled and self.run is not None:
+            import wandb
+
+            self.run.log({"samples": [wandb.Video(str(p), caption=c, format="gif") for p, c in zip(paths, captions)]},
+                         step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.run is not None:
+                self.run.finish()

@@ -1,0 +1,84 @@
+"""Prompts -> latents -> frames, with classifier-free guidance. Shared by training-time samples,
+`sora-sample` and `sora-eval`. `forward` takes full rows (sequence parallelism is the caller's)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .codecs import VideoCodec
+from .data.patchify import grid_positions, unpatchify
+from .diffusion import guided
+from .video_io import write_gif, write_mp4
+
+
+def latent_grid(codec: VideoCodec, patch, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    ft, fh, fw = codec.info.factors
+    lt = codec.info.latent_frames(frames)
+    grid = (lt // patch[0], height // fh // patch[1], width // fw // patch[2])
+    if min(grid) < 1:
+        raise ValueError(f"{frames} frames of {height}x{width} px is smaller than one patch "
+                         f"(codec factors {codec.info.factors}, patch {list(patch)})")
+    return grid
+
+
+def generation_batch(texts: list[np.ndarray], grid, text_dim: int, multiple: int = 1):
+    """One row per prompt, conditional rows then unconditional ones (a single zero text token, as
+    caption dropout trains it). Rows are padded to a multiple of `multiple` (the SP degree)."""
+    B, n = len(texts), math.prod(grid)
+    S = math.ceil(n / multiple) * multiple
+    L = max(t.shape[0] for t in texts)
+    pos = torch.zeros(2 * B, S, 3, dtype=torch.long)
+    pos[:, :n] = grid_positions(grid)
+    seg = torch.zeros(2 * B, S, dtype=torch.long)
+    seg[:, :n] = 1
+    text = torch.zeros(2 * B, L, text_dim)
+    text_seg = torch.zeros(2 * B, L, dtype=torch.long)
+    for i, t in enumerate(texts):
+        text[i, : t.shape[0]] = torch.from_numpy(t.astype(np.float32))
+        text_seg[i, : t.shape[0]] = 1
+    text_seg[B:, 0] = 1  # unconditional: one zero token
+    return pos, seg, text, text_seg, n, S
+
+
+@torch.no_grad()
+def generate_latents(forward, objective, texts: list[np.ndarray], grid, patch, channels: int, text_dim: int,
+                     steps: int, guidance: float, solver: str, seed: int, device, multiple: int = 1):
+    pos, seg, text, text_seg, n, S = generation_batch(texts, grid, text_dim, multiple)
+    pos, seg, text, text_seg = (x.to(device) for x in (pos, seg, text, text_seg))
+    B, P = len(texts), channels * math.prod(patch)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, P, generator=g).to(device)
+
+    def predict(x, t: float):
+        out = forward(torch.cat([x, x]), torch.full((2 * B, 1), t, device=device), pos, seg, text, text_seg).float()
+        cond, uncond = out.chunk(2)
+        return guided(cond, uncond, guidance)
+
+    x0 = objective.sample(predict, x, steps, n, solver)
+    return [unpatchify(x0[i, :n].cpu(), grid, patch, channels) for i in range(B)]
+
+
+def to_frames(codec: VideoCodec, latent: torch.Tensor) -> np.ndarray:
+    """latent [C,T,H,W] -> uint8 frames [T,H,W,3]."""
+    video = codec.decode(latent[None].float())[0].clamp(-1, 1)  # [3,T,H,W]
+    return ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def slug(prompt: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in prompt.lower())[:60].strip("_")
+
+
+def write_videos(out_dir: Path, prompts: list[str], videos: list[np.ndarray], fps: int, prefix: str = "") -> list[Path]:
+    """Writes <slug>.mp4 and <slug>.gif per prompt (gif scaled up for small videos); returns the gifs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gifs = []
+    for i, (p, v) in enumerate(zip(prompts, videos)):
+        stem = out_dir / f"{prefix}{i:02d}_{slug(p)}"
+        write_mp4(stem.with_suffix(".mp4"), v, fps)
+        write_gif(stem.with_suffix(".gif"), v, fps, scale=max(1, 192 // max(v.shape[1], v.shape[2])))
+        gifs.append(stem.with_suffix(".gif"))
+    return gifs

@@ -1,0 +1,144 @@
+"""DiT over packed spacetime patches (Peebles & Xie 2023; NaViT packing; PixArt-style text cross-attention).
+
+Pure PyTorch: no process groups, no DeepSpeed. Parallelism is applied from outside
+(sora_train/parallel): Ulysses replaces `DiT.attention`, checkpointing wraps `DiT.blocks[i]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .attention import build_attention
+from .layers import CrossAttention, Mlp, RoPE3D, SelfAttention, TimestepEmbedder, modulate
+
+
+@dataclass
+class DiTArgs:
+    in_channels: int = 48  # latent channels of the codec
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (t,h,w) in latent units
+    dim: int = 192
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    text_dim: int = 384  # text-encoder width
+    cross_attention: bool = True  # False: unconditional pretraining, no text
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    attention: str = "sdpa"  # sdpa | flex | varlen | naive
+    max_segments: int = 64  # samples per packed row (varlen backend)
+    freq_dim: int = 256
+    eps: float = 1e-6
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * math.prod(self.patch_size)
+
+    def validate(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if (self.dim // self.heads) % 2 or self.dim // self.heads < 6:
+            raise ValueError(f"head dim {self.dim // self.heads} must be even and >= 6 for 3D RoPE")
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, a: DiTArgs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(a.dim, elementwise_affine=False, eps=a.eps)
+        self.attn = SelfAttention(a.dim, a.heads, a.qk_norm, a.eps)
+        if a.cross_attention:
+            self.norm2 = nn.LayerNorm(a.dim, eps=a.eps)
+            self.cross_attn = CrossAttention(a.dim, a.heads, a.qk_norm, a.eps)
+        self.norm3 = nn.LayerNorm(a.dim, elementwise_affine=False, eps=a.eps)
+        self.mlp = Mlp(a.dim, int(a.dim * a.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 6 * a.dim))
+
+    def forward(self, x, c, sample_of_token, rope, attention, self_mask, text, cross_attention, cross_mask):
+        # x [B,S,D]; c [B,M,D] per-sample conditioning; sample_of_token [B,S] index into M
+        mod = self.adaLN_modulation(c)  # [B,M,6D]: computed per sample, then broadcast to its tokens
+        mod = torch.gather(mod, 1, sample_of_token[..., None].expand(-1, -1, mod.shape[-1]))  # [B,S,6D]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, -1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, attention, self_mask)
+        if text is not None:
+            x = x + self.cross_attn(self.norm2(x), text, cross_attention, cross_mask)
+        return x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, a: DiTArgs):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(a.dim, elementwise_affine=False, eps=a.eps)
+        self.linear = nn.Linear(a.dim, a.patch_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 2 * a.dim))
+
+    def forward(self, x, c, sample_of_token):
+        mod = self.adaLN_modulation(c)
+        mod = torch.gather(mod, 1, sample_of_token[..., None].expand(-1, -1, mod.shape[-1]))
+        shift, scale = mod.chunk(2, -1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, args: DiTArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.x_embedder = nn.Linear(args.patch_dim, args.dim)
+        self.t_embedder = TimestepEmbedder(args.dim, args.freq_dim)
+        if args.cross_attention:
+            self.y_embedder = nn.Sequential(nn.Linear(args.text_dim, args.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(args.dim, args.dim))
+        self.rope = RoPE3D(args.dim // args.heads, args.rope_theta)
+        self.blocks = nn.ModuleList(DiTBlock(args) for _ in range(args.depth))
+        self.final_layer = FinalLayer(args)
+        # Swappable from outside: Ulysses wraps `attention`; cross-attention always stays local.
+        self.attention = build_attention(args.attention, args.max_segments)
+        self.cross_attention = build_attention("sdpa" if args.attention == "flex" else args.attention,
+                                               args.max_segments)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        def xavier(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(xavier)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for p in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(p.weight)
+            nn.init.zeros_(p.bias)
+
+    def forward(self, x, t, pos, seg, text=None, text_seg=None):
+        """x [B,S,patch_dim] noisy patches; t [B,M] per-sample time in [0,1]; pos [B,S,3]; seg [B,S]
+        (0 = padding); text [B,L,text_dim], text_seg [B,L]. Returns [B,S,patch_dim]."""
+        h = self.x_embedder(x)  # [B,S,D]
+        c = self.t_embedder(t)  # [B,M,D]
+        sample_of_token = (seg - 1).clamp(min=0)  # [B,S]
+        rope = self.rope.freqs(pos)  # cos, sin [B,S,1,hd/2]
+        self_mask = self.attention.prepare(seg, seg)
+        txt, cross_mask = None, None
+        if self.args.cross_attention:
+            txt = self.y_embedder(text)  # [B,L,D]
+            cross_mask = self.cross_attention.prepare(seg, text_seg)
+        for block in self.blocks:
+            h = block(h, c, sample_of_token, rope, self.attention, self_mask, txt, self.cross_attention, cross_mask)
+        return self.final_layer(h, c, sample_of_token)  # [B,S,patch_dim]
+
+
+def count_params(args: DiTArgs) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in DiT(args).parameters())
+
+
+def args_dict(args: DiTArgs) -> dict:
+    d = asdict(args)
+    d["patch_size"] = list(d["patch_size"])
+    return d

@@ -1,0 +1,43 @@
+"""Analytic FLOPs of a DiT forward on a packed batch (a multiply-add = 2 FLOPs).
+
+Attention is counted over the real segments (sum of n_i^2, not S^2) and cross-attention over
+each sample's real text length, because that is the work a varlen/flex kernel does and what MFU
+should credit; padding tokens are not counted, so padding shows up as lost MFU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dit import DiTArgs
+
+
+def forward_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None) -> int:
+    """seg [B,S], text_seg [B,L] packed segment ids -> forward FLOPs."""
+    D, P, hidden = a.dim, a.patch_dim, int(a.dim * a.mlp_ratio)
+    ids = torch.arange(1, int(seg.max()) + 2)
+    n = (seg[..., None] == ids).sum(1).flatten().double()  # tokens per sample slot
+    samples = int((n > 0).sum())
+    N = float(n.sum())
+    per_token = 2 * D * 3 * D + 2 * D * D + 2 * 2 * D * hidden  # qkv, proj, mlp
+    per_sample = 2 * D * 6 * D  # adaLN modulation
+    attn = 4 * D * float((n * n).sum())
+    total_text = 0.0
+    if a.cross_attention and text_seg is not None:
+        ltxt = (text_seg[..., None] == ids).sum(1).flatten().double()
+        total_text = float(ltxt.sum())
+        per_token += 2 * D * D + 2 * D * D  # cross q, proj
+        attn += 4 * D * float((n * ltxt).sum())
+        blocks_text = 2 * D * 2 * D * total_text  # cross k, v
+    else:
+        blocks_text = 0.0
+    blocks = a.depth * (per_token * N + per_sample * samples + attn + blocks_text)
+    embed = 2 * P * D * N + 2 * D * P * N + samples * (2 * a.freq_dim * D + 2 * D * D + 2 * D * 2 * D)
+    if a.cross_attention:
+        embed += total_text * (2 * a.text_dim * D + 2 * D * D)
+    return int(blocks + embed)
+
+
+def train_flops(a: DiTArgs, seg, text_seg) -> int:
+    """Forward + backward (2x forward); recomputation under activation checkpointing is not credited."""
+    return 3 * forward_flops(a, seg, text_seg)

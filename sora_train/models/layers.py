@@ -1,0 +1,97 @@
+"""DiT building blocks, named as in the DiT paper (Peebles & Xie) where they come from there."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar t in [0,1] -> sinusoidal features of 1000*t -> MLP -> [.., dim]."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000.0)[..., None] * freqs
+        emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class RoPE3D(nn.Module):
+    """Rotary embedding over (t,h,w): head_dim is split into three even parts, one per axis."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        d_hw = 2 * (head_dim // 6)
+        self.dims = (head_dim - 2 * d_hw, d_hw, d_hw)
+        self.theta = theta
+
+    def freqs(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos [B,S,3] -> (cos, sin) [B,S,1,head_dim/2] in float32."""
+        angles = []
+        for axis, d in enumerate(self.dims):
+            inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))
+            angles.append(pos[..., axis : axis + 1].float() * inv)
+        a = torch.cat(angles, -1)[:, :, None]
+        return a.cos(), a.sin()
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B,S,H,D]: rotate consecutive pairs (x0,x1), (x2,x3), ..."""
+        xf = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)
+        return out.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope, attention, mask):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # [B,S,H,D] each
+        q, k = RoPE3D.rotate(self.q_norm(q), *rope), RoPE3D.rotate(self.k_norm(k), *rope)
+        return self.proj(attention(q, k, v, mask).flatten(2))  # [B,S,dim]
+
+
+class CrossAttention(nn.Module):
+    """Video tokens (queries) attend to the text states of their own sample only."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, text, attention, mask):
+        q = self.q_norm(self.q(x).unflatten(-1, (self.heads, self.head_dim)))  # [B,S,H,D]
+        k, v = self.kv(text).unflatten(-1, (2, self.heads, self.head_dim)).unbind(2)  # [B,L,H,D]
+        return self.proj(attention(q, self.k_norm(k), v, mask).flatten(2))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))

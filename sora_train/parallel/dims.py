@@ -1,0 +1,111 @@
+"""World = data-parallel x sequence-parallel; the groups, and the mpu object DeepSpeed reads them from."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from . import env as dist_env
+
+
+class ParallelConfigError(ValueError):
+    """A parallelism setting that cannot work; raised before any process group exists."""
+
+
+def check_degrees(world_size: int, sp: int, heads: int, seq_len: int) -> None:
+    problems = []
+    if sp < 1 or world_size % sp:
+        problems.append(f"parallel.sp={sp} does not divide the world size {world_size}")
+    if sp >= 1 and heads % sp:
+        problems.append(f"parallel.sp={sp} does not divide model.heads={heads} (Ulysses splits heads)")
+    if sp >= 1 and seq_len % sp:
+        problems.append(f"data.seq_len={seq_len} is not divisible by parallel.sp={sp}")
+    if problems:
+        raise ParallelConfigError("; ".join(problems))
+
+
+@dataclass
+class ParallelDims:
+    """SP groups are consecutive ranks (kept inside a node, where all-to-all is cheap)."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    sp: int
+    sp_group: object = field(default=None, repr=False)
+    dp_group: object = field(default=None, repr=False)
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def build_groups(self) -> None:
+        """Every rank creates every group, in the same order (torch.distributed requires it)."""
+        for d in range(self.dp):
+            g = dist.new_group(list(range(d * self.sp, (d + 1) * self.sp)))
+            if d == self.dp_rank:
+                self.sp_group = g
+        for s in range(self.sp):
+            g = dist.new_group(list(range(s, self.world_size, self.sp)))
+            if s == self.sp_rank:
+                self.dp_group = g
+
+
+class SequenceParallelMPU:
+    """What deepspeed.initialize(mpu=...) asks for. ZeRO partitions and reduces over the whole world
+    (the 'sequence data parallel' group); gradient averaging divides by dp, not by dp*sp."""
+
+    def __init__(self, dims: ParallelDims):
+        self.d = dims
+
+    def get_sequence_parallel_group(self): return self.d.sp_group
+    def get_sequence_parallel_world_size(self): return self.d.sp
+    def get_sequence_parallel_rank(self): return self.d.sp_rank
+    def get_sequence_data_parallel_group(self): return dist.group.WORLD
+    def get_sequence_data_parallel_world_size(self): return self.d.world_size
+    def get_sequence_data_parallel_rank(self): return self.d.rank
+    def get_data_parallel_group(self): return self.d.dp_group
+    def get_data_parallel_world_size(self): return self.d.dp
+    def get_data_parallel_rank(self): return self.d.dp_rank
+    def get_model_parallel_world_size(self): return 1
+    def get_model_parallel_rank(self): return 0
+    def get_model_parallel_group(self): return self.d.sp_group
+    def get_tensor_model_parallel_world_size(self): return 1
+    def get_tensor_model_parallel_rank(self): return 0
+    def get_pipeline_model_parallel_world_size(self): return 1
+    def get_pipeline_model_parallel_rank(self): return 0
+
+
+def init_distributed(sp: int, timeout_s: float = 600.0) -> ParallelDims:
+    """Joins (or, alone, creates) the process group and builds DP x SP groups."""
+    import deepspeed
+
+    e = dist_env.detect()
+    dist_env.export(e)
+    if e.world_size % sp:
+        raise ParallelConfigError(f"parallel.sp={sp} does not divide the world size {e.world_size}")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(e.local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer fails the job, no hang
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    dims = ParallelDims(e.world_size, e.rank, e.local_rank, sp)
+    dims.build_groups()
+    return dims

@@ -1,0 +1,78 @@
+"""Checks that refuse a bad configuration before any process group, data or model work starts.
+Each message names the config key to change."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+from .data import check_manifest, list_shards, load_manifest
+from .models import DiTArgs, count_params
+from .parallel import check_degrees
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def dit_args(m) -> DiTArgs:
+    return DiTArgs(in_channels=m.in_channels, patch_size=tuple(m.patch_size), dim=m.dim, depth=m.depth,
+                   heads=m.heads, mlp_ratio=m.mlp_ratio, text_dim=m.text_dim, cross_attention=m.cross_attention,
+                   qk_norm=m.qk_norm, rope_theta=m.rope_theta, attention=m.attention, max_segments=m.max_segments)
+
+
+def checkpoint_bytes(params: int, zero_stage: int) -> int:
+    """bf16/fp32 weights + fp32 master + Adam moments + fp32 EMA: ~18 bytes per parameter."""
+    return params * 18
+
+
+def preflight(cfg) -> dict:
+    """Returns the dataset manifest (or None for pipe: sources without one)."""
+    args = dit_args(cfg.model)
+    try:
+        args.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    try:
+        check_degrees(world, cfg.parallel.sp, cfg.model.heads, cfg.data.seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if cfg.data.max_per_row > cfg.model.max_segments:
+        raise ConfigError(f"data.max_per_row={cfg.data.max_per_row} exceeds model.max_segments={cfg.model.max_segments}")
+    if cfg.diffusion.kind not in ("flow", "ddpm"):
+        raise ConfigError(f"diffusion.kind={cfg.diffusion.kind!r}: use flow or ddpm")
+    if cfg.model.attention not in ("sdpa", "flex", "varlen", "flash", "naive"):
+        raise ConfigError(f"model.attention={cfg.model.attention!r}: use sdpa, flex, varlen or naive")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0-3")
+    try:
+        list_shards(cfg.data.train)
+        if cfg.data.val:
+            list_shards(cfg.data.val)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.train / data.val: {e}") from e
+    manifest = load_manifest(cfg.data.train)
+    if manifest is not None:
+        try:
+            check_manifest(manifest, cfg.model.in_channels, cfg.model.text_dim, tuple(cfg.model.patch_size))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from e
+    ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
+    need = checkpoint_bytes(count_params(args), cfg.parallel.zero_stage)
+    free = shutil.disk_usage(next(p for p in [ckpt_dir, *ckpt_dir.parents] if p.exists())).free
+    need_gb = max(need / 1e9, cfg.checkpoint.min_free_gb)
+    if free < need_gb * 1e9:
+        raise ConfigError(f"checkpoint.dir={str(ckpt_dir)!r} has {free / 1e9:.1f} GB free; one checkpoint needs "
+                          f"~{need_gb:.1f} GB (model.{cfg.model.name}: ~{math.ceil(need / 18 / 1e6)}M params)")
+    return manifest

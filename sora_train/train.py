@@ -1,0 +1,299 @@
+"""sora-train: the Hydra entry. Builds the pieces, then runs the loop (Trainer.train)."""
+
+from __future__ import annotations
+
+import faulthandler
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import CONF_DIR
+from .codecs import codec_from_manifest_name
+from .config import register, to_container
+from .data import PackedLoader, StreamPosition, StreamSpec
+from .diffusion import build_objective, masked_mse_sum, per_token
+from .engine.checkpoint import CheckpointManager, find_latest
+from .engine.ema import EMA
+from .engine.metrics import MetricLogger, Throughput, device_peak_tflops
+from .generate import generate_latents, latent_grid, to_frames, write_videos
+from .models import DiT
+from .models.flops import train_flops
+from .parallel import gather_sequence, init_distributed, parallelize_dit, shard_sequence
+from .parallel.deepspeed_config import deepspeed_config, use_bf16
+from .preflight import ConfigError, dit_args, preflight
+
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+register()
+
+
+def every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def lr_lambda(o):
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def step_generator(*key: int) -> torch.Generator:
+    """Noise and timesteps are a pure function of (seed, step, micro, dp_rank): resume needs no RNG
+    state for them, and all SP ranks of a group draw the same noise for the same row."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([abs(k) for k in key]).generate_state(1)[0]))
+
+
+class StopRequested:
+    """SIGUSR1 (SLURM's warning before the time limit / preemption) or SIGTERM: checkpoint, then exit."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self) -> int:
+        flag = torch.tensor([self.signum])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+
+class Trainer:
+    def __init__(self, cfg, dims, engine, ema, objective, ckpt, logger, loader, manifest, step: int, device):
+        self.cfg, self.dims, self.engine, self.ema, self.objective = cfg, dims, engine, ema, objective
+        self.ckpt, self.logger, self.loader, self.manifest, self.step = ckpt, logger, loader, manifest, step
+        self.device = device
+        self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        self.args = dit_args(cfg.model)
+        self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size)
+        self.stop = StopRequested()
+        self.bad_steps = 0
+        self.losses: list[float] = []
+
+    # -- one micro-batch ------------------------------------------------------------------------
+    def forward_backward(self, batch, micro: int) -> torch.Tensor | None:
+        d, gen = self.dims, step_generator(self.cfg.seed, self.step, micro, self.dims.dp_rank)
+        t = self.objective.sample_t(batch.grids.prod(-1), gen)  # [R,M]
+        noise = torch.randn(batch.tokens.shape, generator=gen)
+        x_t, target = self.objective.corrupt(batch.tokens, noise, per_token(t, batch.seg))
+        real = batch.real_tokens  # of the full rows: SP ranks' losses then sum to the full mean
+        shard = lambda x: shard_sequence(x, d.sp_rank, d.sp).to(self.device)  # noqa: E731
+        seg = shard(batch.seg)
+        pred = self.engine(shard(x_t).to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
+                           batch.text.to(self.device, self.dtype), batch.text_seg.to(self.device))
+        loss = masked_mse_sum(pred, shard(target), seg) / real
+        finite = torch.tensor([float(torch.isfinite(loss.detach().cpu()))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            return None
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def train_step(self, batches) -> dict | None:
+        losses = []
+        for micro in range(self.cfg.optim.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            loss = self.forward_backward(batch, micro)
+            self.meter.data_s += t1 - t0
+            self.meter.compute_s += time.perf_counter() - t1
+            if loss is None:
+                self.engine.optimizer.zero_grad()
+                return None
+            losses.append(loss.float().cpu())
+            self.meter.add(batch.real_tokens, sum(len(k) for k in batch.keys),
+                           train_flops(self.args, batch.seg, batch.text_seg) / self.dims.sp)
+        if self.ema is not None:
+            self.ema.update(self.step)
+        loss = torch.stack(losses).mean().reshape(1)
+        dist.all_reduce(loss)  # summed over SP (parts of one mean) and DP (then averaged)
+        return {"loss": loss.item() / self.dims.dp, "lr": self.engine.get_lr()[0],
+                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+
+    def train(self) -> list[float]:
+        batches, total, t_start, start_step = iter(self.loader), self.cfg.optim.steps, time.time(), self.step
+        while self.step < total:
+            faulthandler.dump_traceback_later(self.cfg.watchdog_s, exit=True)  # a hung collective: stacks, exit
+            metrics = self.train_step(batches)
+            if metrics is None:
+                self.bad_steps += 1
+                if self.bad_steps >= self.cfg.optim.max_bad_steps:
+                    self.save()
+                    raise FloatingPointError(
+                        f"{self.bad_steps} consecutive steps had a non-finite loss at step {self.step}; stopped. "
+                        f"The last good state is saved in {self.ckpt.root} (see optim.max_bad_steps, optim.lr)")
+                self.logger.log(self.step, {"train/skipped_nonfinite": self.bad_steps})
+                continue
+            self.bad_steps, self.step = 0, self.step + 1
+            self.losses.append(metrics["loss"])
+            if every(self.cfg.logging.every, self.step) or self.step == total:
+                eta = (time.time() - t_start) / (self.step - start_step) * (total - self.step) / 60
+                self.logger.log(self.step, {**metrics, **self.meter.summary(), **self.loader.stats.as_metrics(),
+                                            "eta_min": eta})
+                self.meter.reset()
+            if every(self.cfg.logging.val_every, self.step) and self.cfg.data.val:
+                self.logger.log(self.step, {"val/loss": self.validate()})
+            if every(self.cfg.logging.sample_every, self.step):
+                self.sample()
+            stop = self.stop.agreed()
+            if every(self.cfg.checkpoint.every, self.step) or self.step == total or stop:
+                self.save()
+            if stop:
+                self.logger.log(self.step, {"preempted_by_signal": stop})
+                raise SystemExit(f"stopped by signal {stop} after saving step {self.step}")
+        faulthandler.cancel_dump_traceback_later()
+        if self.cfg.data.val:
+            self.logger.log(self.step, {"val/loss": self.validate()})
+        return self.losses
+
+    # -- checkpoint, validation, samples ----------------------------------------------------------
+    def save(self) -> Path:
+        parts = [None] * self.dims.world_size
+        dist.all_gather_object(parts, self.loader.state_dict() if self.dims.sp_rank == 0 else None)
+        position = StreamPosition.merge([StreamPosition.from_state_dict(p) for p in parts if p is not None])
+        meta = {"wandb_id": self.logger.run_id, "config": to_container(self.cfg), "manifest": manifest_header(self.manifest)}
+        return self.ckpt.save(self.engine, self.step, self.ema, position.state_dict(), meta)
+
+    def full_forward(self, x, t, pos, seg, text, text_seg):
+        """Full rows in, full rows out (shards for SP and gathers back); for validation and sampling."""
+        d = self.dims
+        sh = lambda v: shard_sequence(v, d.sp_rank, d.sp)  # noqa: E731
+        out = self.engine.module(sh(x).to(self.dtype), t.to(self.dtype), sh(pos), sh(seg), text.to(self.dtype), text_seg)
+        return gather_sequence(out.float(), d.sp_group) if d.sp > 1 else out.float()
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        spec = stream_spec(self.cfg, caption_dropout=0.0, epochs=1)
+        loader = PackedLoader(self.cfg.data.val, spec, self.dims.dp_rank, self.dims.dp, num_workers=0)
+        total, n = torch.zeros(1), 0
+        for i, batch in zip(range(self.cfg.logging.val_batches), loader):
+            gen = step_generator(self.cfg.seed, 10**9, i, self.dims.dp_rank)  # the same noise every time
+            t = self.objective.sample_t(batch.grids.prod(-1), gen)
+            x_t, target = self.objective.corrupt(batch.tokens, torch.randn(batch.tokens.shape, generator=gen),
+                                                 per_token(t, batch.seg))
+            b = batch.to(self.device)
+            pred = self.full_forward(x_t.to(self.device), t.to(self.device), b.pos, b.seg, b.text, b.text_seg)
+            total += (masked_mse_sum(pred.cpu(), target, batch.seg) / batch.real_tokens).cpu()
+            n += 1
+        stats = torch.tensor([total.item(), float(n)])
+        dist.all_reduce(stats)
+        return float(stats[0] / max(stats[1], 1.0))  # every SP member counts the same rows: the ratio is unchanged
+
+    @torch.no_grad()
+    def sample(self) -> list[Path]:
+        prompts = list(self.cfg.logging.sample_prompts)
+        if not prompts or self.manifest is None:
+            return []
+        from .codecs.text import HFTextEncoder
+
+        text_name = self.manifest["text_encoder"]["name"]
+        encoder = HFTextEncoder(None if text_name == "minilm" else text_name.removeprefix("hf:"))
+        codec = codec_from_manifest_name(self.manifest["codec"]["name"])
+        grid = latent_grid(codec, self.args.patch_size, 8, 48, 48)
+        dc = self.cfg.diffusion
+        latents = generate_latents(self.full_forward, self.objective, encoder.encode(prompts), grid,
+                                   self.args.patch_size, self.args.in_channels, self.args.text_dim, dc.steps,
+                                   dc.guidance, dc.sampler, self.cfg.seed, self.device, self.dims.sp)
+        if not self.dims.is_main:
+            return []
+        out = Path(self.cfg.out_dir) / "samples" / f"step_{self.step:08d}"
+        gifs = write_videos(out, prompts, [to_frames(codec, z) for z in latents], fps=8)
+        self.logger.log_videos(self.step, gifs, prompts)
+        return gifs
+
+
+def manifest_header(manifest: dict | None) -> dict | None:
+    return None if manifest is None else {k: v for k, v in manifest.items() if k != "shards"}
+
+
+def stream_spec(cfg, **override) -> StreamSpec:
+    d = cfg.data
+    kw = dict(seq_len=d.seq_len, text_len=d.text_len, rows=d.rows, max_per_row=d.max_per_row, lookahead=d.lookahead,
+              seed=d.seed, epochs=None, caption_dropout=d.caption_dropout, oversize=d.oversize,
+              patch=tuple(cfg.model.patch_size), channels=cfg.model.in_channels, text_dim=cfg.model.text_dim)
+    return StreamSpec(**{**kw, **override})
+
+
+def build_engine(cfg, model, dims, device):
+    import deepspeed
+
+    o = cfg.optim
+    bf16 = use_bf16(cfg.parallel.precision, device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                  fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
+    ds_config = deepspeed_config(cfg.parallel, cfg.data.rows, o.grad_accum, dims.dp, o.grad_clip, bf16)
+    from .parallel import SequenceParallelMPU
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+                                      mpu=SequenceParallelMPU(dims) if dims.sp > 1 else None)
+    return engine
+
+
+def resume_point(cfg, ckpt_root: Path) -> Path | None:
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return find_latest(ckpt_root)
+    return Path(cfg.checkpoint.resume)
+
+
+def run(cfg) -> list[float]:
+    manifest = preflight(cfg)  # refuses bad config before any process group or data work
+    dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
+    device = torch.device(f"cuda:{dims.local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    torch.manual_seed(cfg.seed)
+    model = parallelize_dit(DiT(dit_args(cfg.model)), dims, cfg.parallel.activation_checkpointing)
+    engine = build_engine(cfg, model, dims, device)
+    ema = EMA(engine.module, cfg.ema.decay, dims.rank, dims.world_size) if cfg.ema.enabled else None
+    ckpt = CheckpointManager(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep_last,
+                             dims.rank, dims.world_size)
+    step, position, run_id = 0, None, None
+    if (src := resume_point(cfg, ckpt.root)) is not None:
+        meta = ckpt.load(engine, src, ema)
+        if meta["config"]["model"] != to_container(cfg.model):
+            raise ConfigError(f"the model config differs from the checkpoint's ({src}); a run cannot change its model")
+        step, position, run_id = meta["step"], meta["data_position"], meta.get("wandb_id")
+        print(f"[rank {dims.rank}] resumed from {src} at step {step}", flush=True) if dims.is_main else None
+    loader = PackedLoader(cfg.data.train, stream_spec(cfg), dims.dp_rank, dims.dp, cfg.data.num_workers, position,
+                          cfg.data.max_bad_fraction, cfg.data.min_reads_for_check, pin_memory=device.type == "cuda")
+    logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), run_id)
+    trainer = Trainer(cfg, dims, engine, ema, build_objective(cfg.diffusion), ckpt, logger, loader, manifest, step,
+                      device)
+    try:
+        losses = trainer.train()
+        if cfg.logging.sample_prompts:
+            trainer.sample()
+    finally:
+        logger.close()
+    return losses
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg) -> None:
+    try:
+        run(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+    main()
