@@ -31,7 +31,7 @@ from .parallel import gather_sequence, init_distributed, parallelize_dit, shard_
 from .parallel.deepspeed_config import deepspeed_config, use_bf16
 from .preflight import ConfigError, dit_args, preflight
 
-warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)  # torch 2.14 on ZeRO-3 collectives
 register()
 
 
