@@ -2,7 +2,7 @@
 
 Policy for each clip (documented in README "Data"):
   1. frames: keep every `stride`-th frame (stride = round(fps / target_fps) when target_fps is
-     set), keep at most `max_frames`, then snap down to a count the codec maps to a whole number
+     set; with span=True the stride makes the kept frames span the whole clip), keep at most `max_frames`, then snap down to a count the codec maps to a whole number
      of temporal patches; fewer than `min_frames` left -> the clip is skipped as too short.
   2. space: keep the aspect ratio, scale down (never up) so H*W <= max_pixels, snap H and W down
      to multiples of codec factor x patch size, resize (antialiased) and centre-crop to that.
@@ -47,6 +47,7 @@ class EncodePolicy:
     max_frames: int = 32
     min_frames: int = 2
     target_fps: float | None = None
+    span: bool = False  # stride so that max_frames cover the whole clip (short clips, motion datasets)
 
 
 class ClipRejected(ValueError):
@@ -55,6 +56,8 @@ class ClipRejected(ValueError):
 
 def frame_indices(num_frames: int, fps: float, policy: EncodePolicy, codec: VideoCodec) -> list[int]:
     stride = max(1, round(fps / policy.target_fps)) if policy.target_fps and fps else 1
+    if policy.span:
+        stride = max(stride, num_frames // policy.max_frames)
     kept = min(math.ceil(num_frames / stride), policy.max_frames)
     kept = codec.info.snap_frames(kept, latent_multiple=policy.patch_size[0])
     if kept < max(policy.min_frames, 1):
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-frames", type=int, default=32)
     p.add_argument("--min-frames", type=int, default=2)
     p.add_argument("--target-fps", type=float, default=None)
+    p.add_argument("--span", action="store_true", help="subsample frames to span the whole clip")
     p.add_argument("--clips-per-shard", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--task-index {a.task_index} must be in [0, {a.num_tasks})")
     ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     codec_kw = {"kind": a.codec, "path": a.codec_path, "factors": ints(a.codec_factors), "class_name": a.codec_class}
-    policy = EncodePolicy(ints(a.patch_size), a.max_pixels, a.max_frames, a.min_frames, a.target_fps)
+    policy = EncodePolicy(ints(a.patch_size), a.max_pixels, a.max_frames, a.min_frames, a.target_fps, a.span)
     manifest = run(a.captions, a.out, codec_kw, a.text_encoder, policy, a.clips_per_shard, a.workers,
                    a.num_tasks, a.task_index, progress=not a.no_progress)
     if manifest:

@@ -87,8 +87,8 @@ def render(spec: ClipSpec) -> np.ndarray:
     out = np.empty((spec.frames, spec.height, spec.width, 3), np.uint8)
     for i in range(spec.frames):
         r = base_r
-        if spec.motion == "beating":  # one beat every 6 frames, visible even in short clips
-            r = base_r * (1.0 + 0.35 * np.sin(2 * np.pi * i / 6.0))
+        if spec.motion == "beating":  # 2.5 beats per clip whatever its length: survives frame subsampling
+            r = base_r * (1.0 + 0.35 * np.sin(2 * np.pi * 2.5 * i / max(spec.frames, 4)))
         cx, cy = motion_centre(spec, i)
         mask = shape_mask(spec.shape, (xs - cx) / r, (ys - cy) / r)
         out[i] = np.where(mask[..., None], fg, bg)

@@ -27,6 +27,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     text_dim: int = 384
     cross_attention: bool = True
+    pooled_text: bool = True
     qk_norm: bool = True
     rope_theta: float = 10000.0
     attention: str = "sdpa"

@@ -33,6 +33,7 @@ from .preflight import ConfigError, dit_args, preflight
 
 warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)  # torch 2.14 on ZeRO-3 collectives
 register()
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal, resume me (slurm/train.sbatch requeues)
 
 
 def every(n: int, step: int) -> bool:
@@ -82,42 +83,52 @@ class Trainer:
         self.args = dit_args(cfg.model)
         self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size)
         self.stop = StopRequested()
-        self.bad_steps = 0
+        self.bad_steps, self.skipped_steps = 0, 0
         self.losses: list[float] = []
 
     # -- one micro-batch ------------------------------------------------------------------------
-    def forward_backward(self, batch, micro: int) -> torch.Tensor | None:
-        d, gen = self.dims, step_generator(self.cfg.seed, self.step, micro, self.dims.dp_rank)
+    def forward_backward(self, batch, micro: int) -> tuple[torch.Tensor, bool]:
+        """Returns (loss, finite). The generator key is the micro-batch's index in the global batch, so
+        DP=2 and one process accumulating 2 micro-batches draw the same noise for the same data."""
+        d, o = self.dims, self.cfg.optim
+        gen = step_generator(self.cfg.seed, self.step, d.dp_rank * o.grad_accum + micro)
         t = self.objective.sample_t(batch.grids.prod(-1), gen)  # [R,M]
         noise = torch.randn(batch.tokens.shape, generator=gen)
         x_t, target = self.objective.corrupt(batch.tokens, noise, per_token(t, batch.seg))
-        real = batch.real_tokens  # of the full rows: SP ranks' losses then sum to the full mean
+        loss = self.loss(x_t, t, target, batch)
+        finite = torch.tensor([float(torch.isfinite(loss.detach().cpu()))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same branch
+        if not finite.item():
+            # Drop this micro-batch but keep every rank's collectives in lockstep: backward a zero
+            # multiple of the loss on sanitised inputs (finite weights -> exactly zero gradients).
+            clean = lambda v: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731
+            loss = self.loss(clean(x_t), t, clean(target), batch, clean(batch.text)) * 0.0
+        self.engine.backward(loss)
+        return loss.detach(), bool(finite.item())
+
+    def loss(self, x_t, t, target, batch, text=None) -> torch.Tensor:
+        d = self.dims
         shard = lambda x: shard_sequence(x, d.sp_rank, d.sp).to(self.device)  # noqa: E731
         seg = shard(batch.seg)
+        text = batch.text if text is None else text
         pred = self.engine(shard(x_t).to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
-                           batch.text.to(self.device, self.dtype), batch.text_seg.to(self.device))
-        loss = masked_mse_sum(pred, shard(target), seg) / real
-        finite = torch.tensor([float(torch.isfinite(loss.detach().cpu()))])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            return None
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
+                           text.to(self.device, self.dtype), batch.text_seg.to(self.device))
+        # Normalised by the real tokens of the full rows: the SP ranks' losses sum to the full mean.
+        return masked_mse_sum(pred, shard(target), seg) / batch.real_tokens
 
     # -- one optimizer step -----------------------------------------------------------------------
-    def train_step(self, batches) -> dict | None:
-        losses = []
+    def train_step(self, batches) -> dict:
+        losses, all_finite = [], True
         for micro in range(self.cfg.optim.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
-            loss = self.forward_backward(batch, micro)
-            self.meter.data_s += t1 - t0
-            self.meter.compute_s += time.perf_counter() - t1
-            if loss is None:
-                self.engine.optimizer.zero_grad()
-                return None
+            loss, finite = self.forward_backward(batch, micro)
+            t2 = time.perf_counter()
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            self.meter.data_s, self.meter.compute_s = self.meter.data_s + t1 - t0, self.meter.compute_s + t2 - t1
+            self.meter.optim_s += time.perf_counter() - t2
+            all_finite &= finite
             losses.append(loss.float().cpu())
             self.meter.add(batch.real_tokens, sum(len(k) for k in batch.keys),
                            train_flops(self.args, batch.seg, batch.text_seg) / self.dims.sp)
@@ -125,7 +136,7 @@ class Trainer:
             self.ema.update(self.step)
         loss = torch.stack(losses).mean().reshape(1)
         dist.all_reduce(loss)  # summed over SP (parts of one mean) and DP (then averaged)
-        return {"loss": loss.item() / self.dims.dp, "lr": self.engine.get_lr()[0],
+        return {"loss": loss.item() / self.dims.dp, "lr": self.engine.get_lr()[0], "finite": all_finite,
                 "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
 
     def train(self) -> list[float]:
@@ -133,16 +144,13 @@ class Trainer:
         while self.step < total:
             faulthandler.dump_traceback_later(self.cfg.watchdog_s, exit=True)  # a hung collective: stacks, exit
             metrics = self.train_step(batches)
-            if metrics is None:
-                self.bad_steps += 1
-                if self.bad_steps >= self.cfg.optim.max_bad_steps:
-                    self.save()
-                    raise FloatingPointError(
-                        f"{self.bad_steps} consecutive steps had a non-finite loss at step {self.step}; stopped. "
-                        f"The last good state is saved in {self.ckpt.root} (see optim.max_bad_steps, optim.lr)")
-                self.logger.log(self.step, {"train/skipped_nonfinite": self.bad_steps})
-                continue
-            self.bad_steps, self.step = 0, self.step + 1
+            self.step += 1
+            self.bad_steps = 0 if metrics.pop("finite") else self.bad_steps + 1
+            self.skipped_steps += self.bad_steps > 0
+            if self.bad_steps:
+                self.logger.log(self.step, {"train/nonfinite_steps": self.skipped_steps})
+            if self.bad_steps >= self.cfg.optim.max_bad_steps:
+                self.stop_on_nonfinite()
             self.losses.append(metrics["loss"])
             if every(self.cfg.logging.every, self.step) or self.step == total:
                 eta = (time.time() - t_start) / (self.step - start_step) * (total - self.step) / 60
@@ -158,11 +166,23 @@ class Trainer:
                 self.save()
             if stop:
                 self.logger.log(self.step, {"preempted_by_signal": stop})
-                raise SystemExit(f"stopped by signal {stop} after saving step {self.step}")
+                print(f"stopped by signal {stop} after saving step {self.step}; exit {EXIT_REQUEUE} = requeue me",
+                      flush=True)
+                raise SystemExit(EXIT_REQUEUE)
         faulthandler.cancel_dump_traceback_later()
         if self.cfg.data.val:
             self.logger.log(self.step, {"val/loss": self.validate()})
         return self.losses
+
+    def stop_on_nonfinite(self) -> None:
+        finite = torch.tensor([float(all(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all()
+                                         for p in self.engine.module.parameters()))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        saved = self.save() if finite.item() else find_latest(self.ckpt.root)
+        raise FloatingPointError(
+            f"{self.bad_steps} consecutive steps had a non-finite loss (step {self.step}); the run stopped. Last good "
+            f"state: {saved}. Check the data (data/skipped in the logs) or lower optim.lr; optim.max_bad_steps "
+            f"sets the patience.")
 
     # -- checkpoint, validation, samples ----------------------------------------------------------
     def save(self) -> Path:
@@ -232,7 +252,7 @@ def stream_spec(cfg, **override) -> StreamSpec:
     return StreamSpec(**{**kw, **override})
 
 
-def build_engine(cfg, model, dims, device):
+def build_engine(cfg, model, dims, device, load_universal: bool = False):
     import deepspeed
 
     o = cfg.optim
@@ -241,6 +261,7 @@ def build_engine(cfg, model, dims, device):
                                   fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
     ds_config = deepspeed_config(cfg.parallel, cfg.data.rows, o.grad_accum, dims.dp, o.grad_clip, bf16)
+    ds_config["checkpoint"]["load_universal"] = load_universal
     from .parallel import SequenceParallelMPU
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
@@ -256,34 +277,47 @@ def resume_point(cfg, ckpt_root: Path) -> Path | None:
     return Path(cfg.checkpoint.resume)
 
 
-def run(cfg) -> list[float]:
+def build(cfg, loader=None) -> Trainer:
+    """Every piece of a run, in order. `loader` replaces the shard loader (tests feed fixed batches)."""
     manifest = preflight(cfg)  # refuses bad config before any process group or data work
     dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
     device = torch.device(f"cuda:{dims.local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     torch.manual_seed(cfg.seed)
     model = parallelize_dit(DiT(dit_args(cfg.model)), dims, cfg.parallel.activation_checkpointing)
-    engine = build_engine(cfg, model, dims, device)
-    ema = EMA(engine.module, cfg.ema.decay, dims.rank, dims.world_size) if cfg.ema.enabled else None
     ckpt = CheckpointManager(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep_last,
                              dims.rank, dims.world_size)
+    src = resume_point(cfg, ckpt.root)
+    resharding = src is not None and ckpt.read_meta(src)["world_size"] != dims.world_size
+    if resharding:
+        ckpt.prepare_resharding(src)
+    engine = build_engine(cfg, model, dims, device, load_universal=resharding)
+    ema = EMA(engine.module, cfg.ema.decay, dims.rank, dims.world_size) if cfg.ema.enabled else None
     step, position, run_id = 0, None, None
-    if (src := resume_point(cfg, ckpt.root)) is not None:
+    if src is not None:
         meta = ckpt.load(engine, src, ema)
         if meta["config"]["model"] != to_container(cfg.model):
             raise ConfigError(f"the model config differs from the checkpoint's ({src}); a run cannot change its model")
         step, position, run_id = meta["step"], meta["data_position"], meta.get("wandb_id")
-        print(f"[rank {dims.rank}] resumed from {src} at step {step}", flush=True) if dims.is_main else None
-    loader = PackedLoader(cfg.data.train, stream_spec(cfg), dims.dp_rank, dims.dp, cfg.data.num_workers, position,
-                          cfg.data.max_bad_fraction, cfg.data.min_reads_for_check, pin_memory=device.type == "cuda")
+        if dims.is_main:
+            print(f"resumed from {src} at step {step} (saved on {meta['world_size']} ranks, now {dims.world_size})",
+                  flush=True)
+    if loader is None:
+        loader = PackedLoader(cfg.data.train, stream_spec(cfg), dims.dp_rank, dims.dp, cfg.data.num_workers, position,
+                              cfg.data.max_bad_fraction, cfg.data.min_reads_for_check,
+                              pin_memory=device.type == "cuda")
     logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), run_id)
-    trainer = Trainer(cfg, dims, engine, ema, build_objective(cfg.diffusion), ckpt, logger, loader, manifest, step,
-                      device)
+    return Trainer(cfg, dims, engine, ema, build_objective(cfg.diffusion), ckpt, logger, loader, manifest, step,
+                   device)
+
+
+def run(cfg) -> list[float]:
+    trainer = build(cfg)
     try:
         losses = trainer.train()
         if cfg.logging.sample_prompts:
             trainer.sample()
     finally:
-        logger.close()
+        trainer.logger.close()
     return losses
 
 

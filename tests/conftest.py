@@ -24,3 +24,10 @@ def dataset(tmp_path_factory):
     run(str(captions), str(root / "shards"), {"kind": "pixel", "factors": (1, 4, 4)}, None, policy,
         clips_per_shard=8, progress=False)
     return root
+
+
+def pytest_configure(config):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))  # tests/distributed.py helpers

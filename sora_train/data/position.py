@@ -58,7 +58,10 @@ class StreamPosition:
         for epoch, shard, index in ids:
             if self.shard_done(epoch, shard):
                 raise RuntimeError(f"sample {(epoch, shard, index)} consumed twice (its shard was finished)")
-            self._progress(epoch, shard).consumed.add(index)
+            progress = self._progress(epoch, shard)
+            if index in progress.consumed:
+                raise RuntimeError(f"sample {(epoch, shard, index)} consumed twice")
+            progress.consumed.add(index)
             self._retire(epoch, shard)
 
     def shard_ended(self, epoch: int, shard: int, total: int) -> None:

@@ -102,20 +102,32 @@ class CheckpointManager:
             if not is_complete(p) and p.name < keep.name:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine, step_dir: Path, ema) -> dict:
-        """Restores engine, EMA and this rank's RNG; returns meta + data position."""
+    def read_meta(self, step_dir: Path) -> dict:
         step_dir = Path(step_dir)
         if not is_complete(step_dir):
             raise FileNotFoundError(f"{step_dir} is not a complete checkpoint (no COMPLETE marker)")
-        meta = json.loads((step_dir / "meta.json").read_text())
+        return json.loads((step_dir / "meta.json").read_text())
+
+    def prepare_resharding(self, step_dir: Path) -> Path:
+        """Resume on another world size goes through DeepSpeed's universal checkpoint: converted once
+        (rank 0, DeepSpeed's own ds_to_universal) next to the step directory. Collective."""
+        universal = Path(step_dir).with_name(Path(step_dir).name + "_universal")
+        if self.rank == 0 and not is_complete(universal):
+            convert_to_universal(Path(step_dir), universal)
+        dist.barrier()
+        return universal
+
+    def load(self, engine, step_dir: Path, ema) -> dict:
+        """Restores engine, EMA and (same world size) this rank's RNG; returns meta + data position.
+        On another world size the engine must have been built with load_universal (see prepare_resharding)."""
+        step_dir = Path(step_dir)
+        meta = self.read_meta(step_dir)
         same_world = meta["world_size"] == self.world
-        if same_world:
-            path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed could not load {step_dir}")
-        else:
-            load_resharded(engine, step_dir)
+        src = step_dir if same_world else step_dir.with_name(step_dir.name + "_universal")
+        path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {src}")
         if ema is not None:
             ema.load(step_dir)
         rng = step_dir / "rng" / f"rank{self.rank:05d}.safetensors"
@@ -123,21 +135,6 @@ class CheckpointManager:
             set_rng_state(load_file(str(rng)))
         meta["data_position"] = json.loads((step_dir / "data_position.json").read_text())
         return meta
-
-
-def load_resharded(engine, step_dir: Path) -> None:
-    """Resume on another world size: DeepSpeed's universal checkpoint (converted once, by rank 0,
-    with its own ds_to_universal) loaded through `load_universal_checkpoint`."""
-    universal = step_dir.parent / (step_dir.name + "_universal")
-    if dist.get_rank() == 0 and not (universal / "COMPLETE").exists():
-        convert_to_universal(step_dir, universal)
-    dist.barrier()
-    engine._config.load_universal_checkpoint = True
-    path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True, load_module_strict=True)
-    engine._config.load_universal_checkpoint = False
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
 
 
 def convert_to_universal(step_dir: Path, out: Path) -> None:
@@ -152,5 +149,7 @@ def convert_to_universal(step_dir: Path, out: Path) -> None:
     if r.returncode:
         raise RuntimeError(f"converting {step_dir} to a universal checkpoint failed:\n{r.stderr[-3000:]}\n"
                            f"Convert by hand with: {' '.join(cmd)}")
+    for name in ("meta.json", "data_position.json"):
+        shutil.copy(step_dir / name, tmp / name)
     (tmp / "COMPLETE").write_text("")
     os.replace(tmp, out)

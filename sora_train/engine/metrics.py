@@ -56,7 +56,7 @@ class Throughput:
 class MetricLogger:
     """Rank 0 logs: console line, metrics.jsonl, and W&B (offline by default)."""
 
-    CONSOLE = ("loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/mfu", "eta_min")
+    CONSOLE = ("loss", "val/loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/mfu", "data/skipped", "eta_min")
 
     def __init__(self, out_dir: str | Path, enabled: bool, wandb_cfg=None, config: dict | None = None,
                  run_id: str | None = None):

@@ -26,6 +26,7 @@ class DiTArgs:
     mlp_ratio: float = 4.0
     text_dim: int = 384  # text-encoder width
     cross_attention: bool = True  # False: unconditional pretraining, no text
+    pooled_text: bool = True  # add the mean text state to the adaLN conditioning (global signal, SD3-style)
     qk_norm: bool = True
     rope_theta: float = 10000.0
     attention: str = "sdpa"  # sdpa | flex | varlen | naive
@@ -91,6 +92,9 @@ class DiT(nn.Module):
         if args.cross_attention:
             self.y_embedder = nn.Sequential(nn.Linear(args.text_dim, args.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(args.dim, args.dim))
+            if args.pooled_text:
+                self.pooled_embedder = nn.Sequential(nn.Linear(args.text_dim, args.dim), nn.SiLU(),
+                                                     nn.Linear(args.dim, args.dim))
         self.rope = RoPE3D(args.dim // args.heads, args.rope_theta)
         self.blocks = nn.ModuleList(DiTBlock(args) for _ in range(args.depth))
         self.final_layer = FinalLayer(args)
@@ -128,9 +132,18 @@ class DiT(nn.Module):
         if self.args.cross_attention:
             txt = self.y_embedder(text)  # [B,L,D]
             cross_mask = self.cross_attention.prepare(seg, text_seg)
+            if self.args.pooled_text:
+                c = c + self.pooled_embedder(pool_segments(text, text_seg, c.shape[1]))  # [B,M,D]
         for block in self.blocks:
             h = block(h, c, sample_of_token, rope, self.attention, self_mask, txt, self.cross_attention, cross_mask)
         return self.final_layer(h, c, sample_of_token)  # [B,S,patch_dim]
+
+
+def pool_segments(text: torch.Tensor, text_seg: torch.Tensor, slots: int) -> torch.Tensor:
+    """Mean text state per sample slot: text [B,L,Dt], text_seg [B,L] (1..M) -> [B,M,Dt]."""
+    onehot = (text_seg[..., None] == torch.arange(1, slots + 1, device=text_seg.device)).to(text.dtype)  # [B,L,M]
+    sums = torch.einsum("blm,bld->bmd", onehot, text)
+    return sums / onehot.sum(1).clamp(min=1)[..., None]
 
 
 def count_params(args: DiTArgs) -> int:

@@ -35,6 +35,8 @@ def forward_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None) 
     embed = 2 * P * D * N + 2 * D * P * N + samples * (2 * a.freq_dim * D + 2 * D * D + 2 * D * 2 * D)
     if a.cross_attention:
         embed += total_text * (2 * a.text_dim * D + 2 * D * D)
+        if a.pooled_text:  # mean over each sample's text, then a 2-layer MLP per sample
+            embed += 2 * a.text_dim * total_text + samples * (2 * a.text_dim * D + 2 * D * D)
     return int(blocks + embed)
 
 

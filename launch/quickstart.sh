@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: synthetic captioned videos -> shards -> a tiny DiT trained
+# on CPU -> sample videos. Every step is resumable: rerunning continues where it stopped.
+# Extra arguments are Hydra overrides for training, e.g.  optim.steps=1000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+bash launch/setup.sh
+. .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} WANDB_MODE=${WANDB_MODE:-offline}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions} HF_HUB_OFFLINE=1
+DATA=data/quickstart RUN=${RUN:-runs/quickstart}
+
+[ -f $DATA/raw/captions.jsonl ] || python -m data_tools.synthetic --out $DATA/raw --num-clips 480 --seed 0 \
+  --min-size 32 --max-size 96 --min-frames 8 --max-frames 48
+[ -f $DATA/val_raw/captions.jsonl ] || python -m data_tools.synthetic --out $DATA/val_raw --num-clips 32 --seed 1 \
+  --min-size 32 --max-size 96 --min-frames 8 --max-frames 48
+for split in raw:shards val_raw:val_shards; do
+  python -m data_tools.encode --captions $DATA/${split%%:*}/captions.jsonl --out $DATA/${split##*:} \
+    --max-pixels 1600 --max-frames 8 --min-frames 8 --span --clips-per-shard 60 --workers 2 --no-progress
+done
+python -m sora_train.train out_dir=$RUN data.train=$DATA/shards data.val=$DATA/val_shards "$@"
+python -m sora_train.sample checkpoint=$RUN/checkpoints out_dir=$RUN/videos frames=8 height=32 width=32 \
+  'prompts=[a red square moving right on a black background,a blue circle moving up on a white background,a green heart beating on a gray background,a yellow triangle moving left on a black background]'
+echo
+echo "quickstart finished in $(( $(date +%s) - start )) s"
+echo "videos: $(ls $RUN/videos/*.mp4 | tr '\n' ' ')"

@@ -1,0 +1,50 @@
+"""Helpers for multi-process tests: torchrun on CPU (gloo) with the project's own entries."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1",
+             PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def tiny_model(shards: Path, out: Path, **extra) -> list[str]:
+    """Overrides for a small, fast model on the test dataset."""
+    kv = {"data.train": str(shards), "model.dim": 48, "model.depth": 2, "model.heads": 4, "data.seq_len": 256,
+          "data.text_len": 64, "data.max_per_row": 16, "data.lookahead": 8, "data.num_workers": 0,
+          "optim.warmup_steps": 2, "optim.decay": "constant", "optim.lr": 2e-3, "logging.wandb.mode": "disabled",
+          "logging.every": 1, "out_dir": str(out), "checkpoint.every": 0, "ema.enabled": False,
+          "parallel.zero_stage": 3, "diffusion.flow.resolution_shift": True, **extra}
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}

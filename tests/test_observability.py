@@ -1,0 +1,75 @@
+"""W&B offline run contents and run-id continuity; sora-bench output."""
+
+import json
+import struct
+import subprocess
+import sys
+
+from distributed import ROOT, env, tiny_model, torchrun
+
+BLOCK = 32768
+
+
+def wandb_records(path):
+    """Records of an offline .wandb file: LevelDB-log framing (7-byte file header, 32 KiB blocks,
+    records of crc32 + length + type) around wandb's own protobuf Record messages."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, out, pos, pending = path.read_bytes(), [], 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # block trailer padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(pending)
+            out.append(r)
+    return out
+
+
+def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run(dataset, tmp_path):
+    base = {"logging.wandb.mode": "offline", "checkpoint.every": 2, "data.seq_len": 512}
+    torchrun(1, [ "-m", "sora_train.train", *tiny_model(dataset / "shards", tmp_path, **base, **{"optim.steps": 4})])
+    torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", tmp_path, **base, **{"optim.steps": 6})])
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and runs[0].name == runs[1].name  # the resumed job continued the same run id
+    keys, steps, config = set(), [], {}
+    for f in runs:
+        for r in wandb_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "history":
+                items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+                keys |= set(items)
+                if "loss" in items:
+                    steps.append(int(items["_step"]))
+            elif kind == "run":
+                config.update({i.key: i.value_json for i in r.run.config.update})
+    assert {"loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/tflops", "time/data_wait_s", "data/skipped"} <= keys
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.loads(config["model"])["dim"] == 48 and json.loads(config["data"])["seq_len"] == 512
+
+
+def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
+    out = tmp_path / "model.json"
+    r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "tiny", "--seq-len", "256",
+                        "--attention", "sdpa", "varlen", "--ac", "both", "--steps", "1", "--warmup", "1",
+                        "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4 and all(row["tokens_per_s"] > 0 and row["tflops"] > 0 for row in rows)
+    out = tmp_path / "pack.json"
+    r = subprocess.run([sys.executable, "-m", "sora_train.bench", "packing", "--data", str(dataset / "shards"),
+                        "--seq-len", "1024", "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["samples"] == 48 and row["packing_efficiency"] > row["pad_to_longest_efficiency"]
+    r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "30B", "--params-only"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "params=" in r.stdout

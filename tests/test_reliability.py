@@ -1,0 +1,191 @@
+"""Fault injection: dead ranks, crashes during checkpoint writes, corrupt shards, NaN steps, bad config."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed import ROOT, env, free_port, step_losses, tiny_model, torchrun
+
+TRAIN = ["-m", "sora_train.train"]
+
+
+def test_kill_9_of_one_rank_fails_fast_and_restart_reaches_the_same_parameters(dataset, tmp_path):
+    shards = dataset / "shards"
+    over = {"checkpoint.every": 3, "data.seq_len": 512, "optim.steps": 9, "watchdog_s": 60,
+            "parallel.timeout_s": 60}
+    torchrun(2, [*TRAIN, *tiny_model(shards, tmp_path / "ref", **over)])
+    out = tmp_path / "crash"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           *TRAIN, *tiny_model(shards, out, **over)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    ranks = subprocess.run(["pgrep", "-f", f"out_dir={out}"], capture_output=True, text=True).stdout.split()
+    children = [int(p) for p in ranks if int(p) != proc.pid and "sora_train.train" in Path(f"/proc/{p}/cmdline").read_text()]
+    victim = max(children)  # a worker, not the launcher
+    killed_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 60, "the job hung after a rank died"
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest in ("step_00000003", "step_00000006")
+    torchrun(2, [*TRAIN, *tiny_model(shards, out, **over)])  # restart: auto-resume
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    import torch
+
+    a = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ref" / "checkpoints"), tag="step_00000009")
+    b = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000009")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from sora_train.engine import checkpoint as ck
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        class Engine:
+            def save_checkpoint(self, root, tag, save_latest):
+                (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+                torch.save({"w": torch.ones(2)}, Path(root) / tag / "model.pt")
+
+        mgr = ck.CheckpointManager(tmp_path, keep_last=3, rank=0, world=1)
+        mgr.save(Engine(), 5, None, {"p": 1}, {})
+        real = ck._atomic_write
+
+        def crash(path, text):
+            if path.name == "COMPLETE":
+                raise KeyboardInterrupt("killed during save")
+            real(path, text)
+
+        monkeypatch.setattr(ck, "_atomic_write", crash)
+        with pytest.raises(KeyboardInterrupt):
+            mgr.save(Engine(), 10, None, {"p": 2}, {})
+        monkeypatch.setattr(ck, "_atomic_write", real)
+        assert (tmp_path / "step_00000010").exists() and ck.find_latest(tmp_path).name == "step_00000005"
+        (tmp_path / "latest").write_text("step_00000010")  # even a pointer at a half-written dir is not trusted
+        assert ck.find_latest(tmp_path).name == "step_00000005"
+        mgr.save(Engine(), 15, None, {"p": 3}, {})
+        assert not (tmp_path / "step_00000010").exists()  # cleaned once a newer checkpoint is published
+        assert ck.find_latest(tmp_path).name == "step_00000015"
+    finally:
+        dist.destroy_process_group()
+
+
+def _corrupt_copy(dataset, dst):
+    from test_data import _bad_dir
+
+    return _bad_dir(dataset, dst)
+
+
+def test_corrupt_shards_are_skipped_and_counted_then_too_many_stop_the_run(dataset, tmp_path):
+    bad = _corrupt_copy(dataset, tmp_path / "shards")
+    over = {"data.seq_len": 512, "optim.steps": 12, "data.max_bad_fraction": 0.5, "data.min_reads_for_check": 10}
+    torchrun(1, [*TRAIN, *tiny_model(bad, tmp_path / "ok", **over)])
+    rows = [json.loads(line) for line in open(tmp_path / "ok" / "metrics.jsonl")]
+    assert max(r.get("data/skipped", 0) for r in rows) >= 5 and len(step_losses(tmp_path / "ok")) == 12
+    over["data.max_bad_fraction"] = 0.02
+    r = torchrun(1, [*TRAIN, *tiny_model(bad, tmp_path / "stop", **over)], check=False)
+    assert r.returncode != 0
+    assert "DataQualityError" in r.stderr and "shard-bad.tar" in r.stderr
+
+
+def run_faults(tmp_path, dataset, poison, **over):
+    args = tiny_model(dataset / "shards", tmp_path, **{"data.seq_len": 512, **over})
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "faults.py"), poison, *args], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=300)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(dataset, tmp_path):
+    r = run_faults(tmp_path, dataset, "3,4", **{"optim.steps": 8, "optim.max_bad_steps": 3})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FINAL step=8 params_finite=True nonfinite_steps=2" in r.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert any(r.get("train/nonfinite_steps") == 2 for r in rows)
+
+
+def test_too_many_nonfinite_steps_stop_after_saving_the_last_good_state(dataset, tmp_path):
+    r = run_faults(tmp_path, dataset, "3,4,5,6", **{"optim.steps": 8, "optim.max_bad_steps": 3})
+    assert r.returncode != 0
+    assert "3 consecutive steps had a non-finite loss" in r.stderr
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000005"
+
+
+# ---- bad configuration: refused before any process group or data work -------------------------
+
+def compose(*overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from sora_train import CONF_DIR
+    from sora_train.config import register
+
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("override,message", [
+    (["parallel.sp=4", "model.heads=6"], r"parallel.sp=4 does not divide model.heads=6"),
+    (["parallel.sp=2", "data.seq_len=1001"], r"data.seq_len=1001 is not divisible by parallel.sp=2"),
+    (["model.in_channels=16"], r"latent channels.*model.in_channels=16"),
+    (["model.text_dim=768"], r"text width.*model.text_dim=768"),
+    (["model.patch_size=[1,4,4]"], r"patch size"),
+    (["data.train=/nonexistent/shards"], r"data.train.*/nonexistent/shards"),
+    (["checkpoint.min_free_gb=1e12"], r"checkpoint.dir=.*GB free"),
+    (["model.dim=100", "model.heads=6"], r"model.dim=100 is not divisible by model.heads=6"),
+    (["diffusion.kind=edm"], r"diffusion.kind='edm'"),
+])
+def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):
+    from sora_train.preflight import ConfigError, preflight
+
+    cfg = compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}", *override)
+    os.environ["WORLD_SIZE"] = "4" if any("sp=" in o for o in override) else "1"
+    try:
+        with pytest.raises(ConfigError, match=message):
+            preflight(cfg)
+    finally:
+        os.environ.pop("WORLD_SIZE")
+
+
+def test_sp_must_divide_the_world_size(dataset, tmp_path):
+    from sora_train.preflight import ConfigError, preflight
+
+    cfg = compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}", "parallel.sp=2", "model.heads=4",
+                  "model.dim=64")
+    os.environ["WORLD_SIZE"] = "3"
+    try:
+        with pytest.raises(ConfigError, match="parallel.sp=2 does not divide the world size 3"):
+            preflight(cfg)
+    finally:
+        os.environ.pop("WORLD_SIZE")
+
+
+def test_unwritable_out_dir_and_unknown_preset_fail_from_the_cli(dataset, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = subprocess.run([sys.executable, *TRAIN, f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}/file/run"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "out_dir=" in r.stderr and "not writable" in r.stderr
+    assert "init_distributed" not in r.stderr  # refused before any process group
+    r = subprocess.run([sys.executable, *TRAIN, "model=giant"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "model" in r.stderr and "giant" in r.stderr
+
+
+def test_nothing_from_shards_or_downloads_is_unpickled():
+    pattern = re.compile(r"allow_pickle\s*=\s*True|pickle\.loads?\(|weights_only\s*=\s*False")
+    for folder in ("sora_train", "data_tools"):
+        for f in (ROOT / folder).rglob("*.py"):
+            assert not pattern.search(f.read_text()), f
