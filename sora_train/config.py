@@ -97,6 +97,7 @@ class LoggingConfig:
     val_every: int = 0
     val_batches: int = 8
     peak_tflops: Optional[float] = None  # device dense bf16 peak; default from a table of known devices
+    sample_ids: bool = False  # write <out_dir>/sample_ids/dp<rank>.jsonl: which samples each step trained on
 
 
 @dataclass
@@ -133,10 +134,26 @@ class SampleConfig:
     text_encoder: Optional[str] = None  # default: the one named in the checkpoint's dataset manifest
 
 
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    out_dir: str = "eval"
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+    steps: int = 30
+    guidance: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    per_pair: int = 2  # motions per (colour, shape) pair
+    seed: int = 0
+    use_ema: bool = True
+    untrained: bool = False
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
 
 
 def to_container(cfg: Any) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import math
 import os
 import signal
@@ -84,6 +85,7 @@ class Trainer:
         self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size)
         self.stop = StopRequested()
         self.bad_steps, self.skipped_steps = 0, 0
+        self.ids_file = None
         self.losses: list[float] = []
 
     # -- one micro-batch ------------------------------------------------------------------------
@@ -111,8 +113,10 @@ class Trainer:
         shard = lambda x: shard_sequence(x, d.sp_rank, d.sp).to(self.device)  # noqa: E731
         seg = shard(batch.seg)
         text = batch.text if text is None else text
-        pred = self.engine(shard(x_t).to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
+        x_local = shard(x_t)
+        pred = self.engine(x_local.to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
                            text.to(self.device, self.dtype), batch.text_seg.to(self.device))
+        pred = self.objective.velocity(pred.float(), x_local, shard(per_token(t, batch.seg)))
         # Normalised by the real tokens of the full rows: the SP ranks' losses sum to the full mean.
         return masked_mse_sum(pred, shard(target), seg) / batch.real_tokens
 
@@ -130,6 +134,7 @@ class Trainer:
             self.meter.optim_s += time.perf_counter() - t2
             all_finite &= finite
             losses.append(loss.float().cpu())
+            self.record_ids(batch)
             self.meter.add(batch.real_tokens, sum(len(k) for k in batch.keys),
                            train_flops(self.args, batch.seg, batch.text_seg) / self.dims.sp)
         if self.ema is not None:
@@ -138,6 +143,18 @@ class Trainer:
         dist.all_reduce(loss)  # summed over SP (parts of one mean) and DP (then averaged)
         return {"loss": loss.item() / self.dims.dp, "lr": self.engine.get_lr()[0], "finite": all_finite,
                 "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+
+    def record_ids(self, batch) -> None:
+        """Audit trail of the data order: (epoch, shard, index) and key of each trained sample."""
+        if not self.cfg.logging.sample_ids or self.dims.sp_rank != 0:
+            return
+        if self.ids_file is None:
+            path = Path(self.cfg.out_dir) / "sample_ids" / f"dp{self.dims.dp_rank:05d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.ids_file = open(path, "a")
+        keys = [k for row in batch.keys for k in row]
+        self.ids_file.write(json.dumps({"step": self.step + 1, "ids": batch.consumed[: len(keys)], "keys": keys}) + "\n")
+        self.ids_file.flush()
 
     def train(self) -> list[float]:
         batches, total, t_start, start_step = iter(self.loader), self.cfg.optim.steps, time.time(), self.step
@@ -211,6 +228,7 @@ class Trainer:
                                                  per_token(t, batch.seg))
             b = batch.to(self.device)
             pred = self.full_forward(x_t.to(self.device), t.to(self.device), b.pos, b.seg, b.text, b.text_seg)
+            pred = self.objective.velocity(pred, x_t.to(self.device), per_token(t, batch.seg).to(self.device))
             total += (masked_mse_sum(pred.cpu(), target, batch.seg) / batch.real_tokens).cpu()
             n += 1
         stats = torch.tensor([total.item(), float(n)])

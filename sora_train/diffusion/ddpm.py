@@ -47,6 +47,10 @@ class DDPM:
         target = noise if self.prediction == "eps" else a * noise - s * x0
         return a * x0 + s * noise, target
 
+    def velocity(self, out, x_t, t):
+        """DDPM trains on its own target (eps or v) directly."""
+        return out
+
     def sample(self, predict, x, steps: int, n_tokens: int = 0, solver: str = "ddim") -> torch.Tensor:
         """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps."""
         if solver != "ddim":

@@ -1,7 +1,10 @@
 """Rectified flow (Liu et al. 2022; SD3 training recipe, Esser et al. 2024).
 
-x_t = (1 - t) x0 + t * noise, t in [0,1] (t = 1 is pure noise); the model predicts the velocity
-v = noise - x0. Training t is logit-normal, then shifted towards noise for larger samples:
+x_t = (1 - t) x0 + t * noise, t in [0,1] (t = 1 is pure noise). The loss is on the velocity
+v = noise - x0. The network predicts either v directly (`prediction: velocity`) or the clean x0
+(`prediction: x0`, then v = (x_t - x0) / t): with wide patch vectors (pixel-space codecs: 8x8x3 =
+192 values per token) predicting v forces the net to carry full-rank noise, while x0 lies on a
+low-dimensional manifold (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"). Training t is logit-normal, then shifted towards noise for larger samples:
 t' = s t / (1 + (s - 1) t) with s = clamp(sqrt(n_tokens / base_tokens), 1, max_shift), because
 more tokens carry more redundant signal and need more noise to be destroyed (SD3 Sec. 5.3.2).
 """
@@ -21,6 +24,8 @@ class FlowConfig:
     resolution_shift: bool = True
     base_tokens: int = 256
     max_shift: float = 6.0
+    prediction: str = "velocity"  # velocity | x0
+    t_min: float = 0.05  # x0 prediction: v = (x_t - x0) / max(t, t_min)
 
 
 def shift_time(t: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
@@ -28,9 +33,9 @@ def shift_time(t: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
 
 
 class RectifiedFlow:
-    prediction = "velocity"
-
     def __init__(self, cfg: FlowConfig):
+        if cfg.prediction not in ("velocity", "x0"):
+            raise ValueError(f"diffusion.flow.prediction={cfg.prediction!r}: use velocity or x0")
         self.cfg = cfg
 
     def shift_for(self, n_tokens: torch.Tensor) -> torch.Tensor:
@@ -44,21 +49,27 @@ class RectifiedFlow:
         return shift_time(torch.sigmoid(u), self.shift_for(n_tokens))
 
     def corrupt(self, x0, noise, t):
-        """x0, noise [B,S,P]; t [B,S,1] per token -> (x_t, target)."""
+        """x0, noise [B,S,P]; t [B,S,1] per token -> (x_t, v target)."""
         return (1 - t) * x0 + t * noise, noise - x0
+
+    def velocity(self, out, x_t, t):
+        """Network output -> velocity (what the loss and the sampler use)."""
+        if self.cfg.prediction == "velocity":
+            return out
+        return (x_t - out) / t.clamp(min=self.cfg.t_min) if isinstance(t, torch.Tensor) else (x_t - out) / max(t, self.cfg.t_min)
 
     def timesteps(self, steps: int, n_tokens: int) -> list[float]:
         ts = torch.linspace(1.0, 0.0, steps + 1)
         return shift_time(ts, self.shift_for(torch.tensor(float(n_tokens)))).tolist()
 
     def sample(self, predict, x, steps: int, n_tokens: int, solver: str = "euler") -> torch.Tensor:
-        """predict(x, t: float) -> velocity (guidance applied by the caller). x starts as noise."""
+        """predict(x, t: float) -> network output (guidance applied by the caller). x starts as noise."""
         ts = self.timesteps(steps, n_tokens)
         for t, t_next in zip(ts[:-1], ts[1:]):
-            v = predict(x, t)
+            v = self.velocity(predict(x, t), x, t)
             if solver == "heun" and t_next > 0:
                 x_euler = x + (t_next - t) * v
-                v = 0.5 * (v + predict(x_euler, t_next))
+                v = 0.5 * (v + self.velocity(predict(x_euler, t_next), x_euler, t_next))
             elif solver not in ("euler", "heun"):
                 raise ValueError(f"flow sampler {solver!r}: use euler or heun")
             x = x + (t_next - t) * v
