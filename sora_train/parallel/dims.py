@@ -68,8 +68,15 @@ class ParallelDims:
 
 
 class SequenceParallelMPU:
-    """What deepspeed.initialize(mpu=...) asks for. ZeRO partitions and reduces over the whole world
-    (the 'sequence data parallel' group); gradient averaging divides by dp, not by dp*sp."""
+    """The sequence-parallel mpu protocol of DeepSpeed (as deepspeed.runtime.sequence_parallel.
+    parallel_state_sp): ZeRO partitions parameters and reduces gradients over the whole world (the
+    "sequence data parallel" group), summing over SP ranks and averaging over DP.
+
+    Deliberately *no* get_data_parallel_group(): given one, ZeRO-3 partitions and reduces over that
+    group only, so gradients are not summed across SP ranks (measured: 2x one SP rank's local
+    gradient at SP=2). DeepSpeed treats an mpu with `initialize_sequence_parallel` as this kind."""
+
+    initialize_sequence_parallel = None  # DeepSpeed's marker for an SP-only mpu (utils/groups.py)
 
     def __init__(self, dims: ParallelDims):
         self.d = dims
@@ -80,16 +87,6 @@ class SequenceParallelMPU:
     def get_sequence_data_parallel_group(self): return dist.group.WORLD
     def get_sequence_data_parallel_world_size(self): return self.d.world_size
     def get_sequence_data_parallel_rank(self): return self.d.rank
-    def get_data_parallel_group(self): return self.d.dp_group
-    def get_data_parallel_world_size(self): return self.d.dp
-    def get_data_parallel_rank(self): return self.d.dp_rank
-    def get_model_parallel_world_size(self): return 1
-    def get_model_parallel_rank(self): return 0
-    def get_model_parallel_group(self): return self.d.sp_group
-    def get_tensor_model_parallel_world_size(self): return 1
-    def get_tensor_model_parallel_rank(self): return 0
-    def get_pipeline_model_parallel_world_size(self): return 1
-    def get_pipeline_model_parallel_rank(self): return 0
 
 
 def init_distributed(sp: int, timeout_s: float = 600.0) -> ParallelDims:

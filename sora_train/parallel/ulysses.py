@@ -36,4 +36,5 @@ class UlyssesAttention(nn.Module):
         return self.inner.prepare(full, full if seg_k is seg_q else gather_sequence(seg_k, self.group))
 
     def forward(self, q, k, v, mask):
-        return self.dist_attn(q, k, v, 0, mask)  # batch_dim_idx=0: [B,S,H,D]
+        # batch_dim_idx=0: [B,S,H,D]; RoPE is applied before (rotary_pos_emb stays None), mask by keyword
+        return self.dist_attn(q, k, v, 0, mask=mask)
