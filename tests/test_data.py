@@ -206,3 +206,21 @@ def test_encoder_skips_bad_videos_resumes_and_splits_array_tasks(tmp_path):
     assert {Path(f["path"]).name for f in failures} == {"clip_000001.mp4", "missing.mp4"}
     run(str(captions), str(out), kw, None, policy, clips_per_shard=2, progress=False)  # rerun: all skipped
     assert (out / "shard-000000.tar").stat().st_mtime_ns == stamp
+
+
+def test_merging_resumed_positions_keeps_one_view_per_shard(dataset):
+    """After a resume every rank starts from the same base; the merge checks only new consumption."""
+    src = str(dataset / "shards")
+    first = [PackedLoader(src, SPEC, dp_rank=r, dp_size=2) for r in range(2)]
+    for ld in first:
+        _take(ld, 2)
+    base = StreamPosition.merge([ld.position for ld in first]).state_dict()
+    again = [PackedLoader(src, SPEC, dp_rank=r, dp_size=2, position=base) for r in range(2)]
+    for ld in again:
+        all_keys(ld)  # to the end of the epoch
+    merged = StreamPosition.merge([ld.position for ld in again], base=again[0].start)
+    assert merged.done[0] == set(range(6)) and not merged.epochs.get(0)
+    partial = PackedLoader(src, SPEC, dp_rank=0, dp_size=2, position=base)
+    _take(partial, 1)  # leaves shards in progress
+    with pytest.raises(RuntimeError, match="consumed by two ranks"):
+        StreamPosition.merge([partial.position, partial.position], base=partial.start)

@@ -53,6 +53,7 @@ class PackedLoader:
             if self.position.seed != spec.seed:
                 raise ValueError(f"data.seed changed ({self.position.seed} -> {spec.seed}); the saved position "
                                  "is only meaningful under the seed it was saved with")
+        self.start = StreamPosition.from_state_dict(self.position.state_dict())  # common to all ranks
         self.stats = DataStats()
         stream = PackedStream(self.urls, spec, dp_rank, dp_size, self.position)
         self.dataloader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,

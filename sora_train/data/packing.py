@@ -67,7 +67,8 @@ class PackedBatch:
 
 
 class Packer:
-    """Deterministic best-fit-decreasing packer over a lookahead buffer of `lookahead` samples.
+    """Deterministic packer over a lookahead buffer of `lookahead` samples (oldest first, then
+    best-fit-decreasing).
 
     A row is built only when the buffer is full (or at flush), and the buffer keeps insertion
     order, so its contents are a pure function of the unconsumed input sequence: this is what
@@ -99,8 +100,12 @@ class Packer:
         return out
 
     def _take_row(self) -> list[PackedBatch]:
+        """The oldest buffered sample opens the row (so no sample waits more than `lookahead` rows:
+        plain best-fit-decreasing can starve a mid-size sample while larger ones keep arriving),
+        then best-fit-decreasing fills the rest."""
         chosen, used, text_used = [], 0, 0
-        for i in sorted(range(len(self.buffer)), key=lambda i: -self.buffer[i].n):  # stable: ties keep order
+        order = [0] + sorted(range(1, len(self.buffer)), key=lambda i: -self.buffer[i].n)  # stable: ties keep order
+        for i in order:
             it = self.buffer[i]
             if len(chosen) < self.M and used + it.n <= self.S and text_used + it.text.shape[0] <= self.Lt:
                 chosen.append(i)

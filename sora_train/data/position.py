@@ -82,26 +82,36 @@ class StreamPosition:
 
     # -- merging the ranks' views and (de)serialising -------------------------------------
     @classmethod
-    def merge(cls, parts: list["StreamPosition"]) -> "StreamPosition":
+    def merge(cls, parts: list["StreamPosition"], base: "StreamPosition | None" = None) -> "StreamPosition":
+        """One global position from every data-parallel rank's view. All ranks started from `base` (the
+        resumed position, or empty); a sample consumed since then by two ranks is an error."""
         first = parts[0]
         if any((p.seed, p.dataset) != (first.seed, first.dataset) for p in parts):
             raise ValueError("cannot merge stream positions of different seeds or datasets")
-        out = cls(first.seed, first.dataset, layout=first.layout)
+        out = cls.from_state_dict(base.state_dict()) if base else cls(first.seed, first.dataset)
+        out.layout = first.layout
         for p in parts:
             for e, shards in p.done.items():
                 out.done.setdefault(e, set()).update(shards)
             out.rotation.update(p.rotation)
+        start = {(e, s): set(prog.consumed) for e, shards in (base.epochs if base else {}).items()
+                 for s, prog in shards.items()}
         for p in parts:
             for e, shards in p.epochs.items():
                 for s, prog in shards.items():
                     if out.shard_done(e, s):
                         continue
                     mine = out._progress(e, s)
-                    if mine.consumed & prog.consumed:
-                        raise RuntimeError(f"epoch {e} shard {s}: samples {sorted(mine.consumed & prog.consumed)[:5]} consumed by two ranks")
+                    new = prog.consumed - start.get((e, s), set())
+                    twice = mine.consumed & new - start.get((e, s), set())
+                    if twice:
+                        raise RuntimeError(f"epoch {e} shard {s}: samples {sorted(twice)[:5]} consumed by two ranks")
                     mine.consumed |= prog.consumed
                     mine.total = prog.total if prog.total is not None else mine.total
                     out._retire(e, s)
+        for e, shards in out.epochs.items():  # the base's partial view of shards finished since
+            for s in [s for s in shards if out.shard_done(e, s)]:
+                del shards[s]
         return out
 
     def state_dict(self) -> dict:

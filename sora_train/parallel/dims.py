@@ -87,6 +87,13 @@ class SequenceParallelMPU:
     def get_sequence_data_parallel_group(self): return dist.group.WORLD
     def get_sequence_data_parallel_world_size(self): return self.d.world_size
     def get_sequence_data_parallel_rank(self): return self.d.rank
+    # Checkpoint metadata asks for these degrees; there is no tensor or pipeline parallelism.
+    def get_tensor_model_parallel_world_size(self): return 1
+    def get_tensor_model_parallel_rank(self): return 0
+    def get_pipeline_model_parallel_world_size(self): return 1
+    def get_pipeline_model_parallel_rank(self): return 0
+    def get_model_parallel_world_size(self): return 1
+    def get_model_parallel_rank(self): return 0
 
 
 def init_distributed(sp: int, timeout_s: float = 600.0) -> ParallelDims:

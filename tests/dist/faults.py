@@ -20,7 +20,7 @@ class Poisoned:
 
     def __init__(self, loader, steps: set[int], trainer):
         self.loader, self.steps, self.trainer = loader, steps, trainer
-        self.stats, self.state_dict = loader.stats, loader.state_dict
+        self.stats, self.state_dict, self.start = loader.stats, loader.state_dict, loader.start
 
     def __iter__(self):
         for b in self.loader:
