@@ -66,6 +66,10 @@ def preflight(cfg) -> dict:
         probe = out / f".write_probe_{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
+        if int(os.environ.get("RANK", 0)) == 0:
+            from omegaconf import OmegaConf
+
+            (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     except OSError as e:
         raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from e
     ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")

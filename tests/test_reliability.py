@@ -88,6 +88,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 def _corrupt_copy(dataset, dst):
     from test_data import _bad_dir
 
+    dst.mkdir(parents=True, exist_ok=True)
     return _bad_dir(dataset, dst)
 
 
