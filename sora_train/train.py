@@ -183,6 +183,8 @@ class Trainer:
                 self.save()
             if stop:
                 self.logger.log(self.step, {"preempted_by_signal": stop})
+                if self.dims.is_main:  # srun's exit code mixes tasks' codes; the marker is unambiguous
+                    (Path(self.cfg.out_dir) / "requeue").write_text(str(self.step))
                 print(f"stopped by signal {stop} after saving step {self.step}; exit {EXIT_REQUEUE} = requeue me",
                       flush=True)
                 raise SystemExit(EXIT_REQUEUE)

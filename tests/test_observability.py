@@ -69,7 +69,7 @@ def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     (row,) = json.loads(out.read_text())
-    assert row["samples"] == 48 and row["packing_efficiency"] > row["pad_to_longest_efficiency"]
+    assert row["samples"] >= 3 * 48 and row["packing_efficiency"] > row["pad_to_longest_efficiency"]
     r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "30B", "--params-only"],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "params=" in r.stdout

@@ -64,10 +64,13 @@ def test_preempted_job_checkpoints_requeues_and_loses_no_step(cluster, dataset, 
         time.sleep(0.5)
     cluster.run("scancel", "--signal=USR1", job)  # what SLURM sends before a time limit or preemption
     cluster.wait(ref, timeout=600)
-    end = time.time() + 900
+    end = time.time() + 420
     while time.time() < end:  # the requeued job runs again under the same id
-        if "finished with exit code 0" in (run_dir / "logs" / "jobs.txt").read_text():
+        jobs = (run_dir / "logs" / "jobs.txt").read_text()
+        if "finished with exit code 0" in jobs:
             break
+        if "requeueing" in jobs and "restart 1" not in jobs:  # SLURM holds a requeued job ~2 min; skip the wait
+            cluster.run("scontrol", "update", f"JobId={job}", "BeginTime=now", check=False)
         time.sleep(2)
     jobs = (run_dir / "logs" / "jobs.txt").read_text()
     assert "requeueing" in jobs and "restart 1" in jobs, jobs
