@@ -38,7 +38,7 @@ class _DiffusersCodec(VideoCodec):
 
         s9, s17 = shape(9), shape(17)
         ft = max(1, 8 // max(1, s17[2] - s9[2]))
-        causal = s9[2] == 1 + 8 // ft
+        causal = ft > 1 and s9[2] == 1 + 8 // ft  # with ft = 1 both formulas agree: call it non-causal
         scale = self.scale if isinstance(self.scale, float) else float("nan")  # per-channel: recorded as nan
         return CodecInfo(name, s9[1], (ft, 64 // s9[3], 64 // s9[4]), causal, scale)
 
