@@ -40,7 +40,6 @@ def test_zero3_dp2_matches_one_process_on_the_same_global_batch(runs):
     assert_close(b["grad_norm"], a["grad_norm"])
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
-    assert a["loss"][-1] < a["loss"][0]  # and it trains
 
 
 def test_sequence_parallel_sp2_matches_sp1(runs):

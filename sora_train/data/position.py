@@ -122,7 +122,7 @@ class StreamPosition:
             "rotation": {str(k): v for k, v in self.rotation.items()},
             "done": {str(e): sorted(s) for e, s in self.done.items()},
             "epochs": {str(e): {str(s): {"consumed": sorted(p.consumed), "total": p.total} for s, p in shards.items()}
-                       for e, shards in self.epochs.items()},
+                       for e, shards in self.epochs.items() if shards},
         }
 
     @classmethod
