@@ -21,8 +21,8 @@ def free_port() -> int:
 def env() -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1",
              PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # each job picks its own
+        e.pop(k, None)
     return e
 
 

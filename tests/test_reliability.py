@@ -54,7 +54,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
     from sora_train.engine import checkpoint as ck
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         class Engine:
