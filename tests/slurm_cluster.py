@@ -106,7 +106,7 @@ class Cluster:
         return r
 
     def sbatch(self, *args, env: dict | None = None) -> str:
-        r = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, capture_output=True,
+        r = subprocess.run(["sbatch", "--parsable", f"--output={self.d}/log/slurm-%j.out", *args], env={**self.env, **(env or {})}, capture_output=True,
                            text=True, timeout=60, cwd=Path(__file__).parents[1])
         if r.returncode:
             raise RuntimeError(f"sbatch failed: {r.stderr}")
