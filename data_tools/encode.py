@@ -204,7 +204,8 @@ def run(captions: str, out: str, codec_kw: dict, text_path: str | None, policy: 
     bar.close()
     if workers > 1:
         pool.shutdown()
-    _init_worker(*init) if not _worker else None
+    if not _worker:  # with worker processes the models live there; the manifest header needs their identity
+        _init_worker(*init)
     codec, text = _worker["codec"], _worker["text"]
     header = {"codec": asdict(codec.info), "text_encoder": {"name": text.name, "width": text.width},
               "patch_size": list(policy.patch_size), "policy": asdict(policy)}
