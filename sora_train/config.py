@@ -96,6 +96,9 @@ class LoggingConfig:
     sample_prompts: list[str] = field(default_factory=list)
     val_every: int = 0
     val_batches: int = 8
+    # Validation loss also at these fixed noise levels (1 = pure noise), logged as val/loss_t<value>:
+    # the averaged loss hides that the high-noise end, where layout and colour are decided, lags.
+    val_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     peak_tflops: Optional[float] = None  # device dense bf16 peak; default from a table of known devices
     sample_ids: bool = False  # write <out_dir>/sample_ids/dp<rank>.jsonl: which samples each step trained on
 

@@ -175,7 +175,7 @@ class Trainer:
                                             "eta_min": eta})
                 self.meter.reset()
             if every(self.cfg.logging.val_every, self.step) and self.cfg.data.val:
-                self.logger.log(self.step, {"val/loss": self.validate()})
+                self.logger.log(self.step, self.validate())
             if every(self.cfg.logging.sample_every, self.step):
                 self.sample()
             stop = self.stop.agreed()
@@ -190,7 +190,7 @@ class Trainer:
                 raise SystemExit(EXIT_REQUEUE)
         faulthandler.cancel_dump_traceback_later()
         if self.cfg.data.val:
-            self.logger.log(self.step, {"val/loss": self.validate()})
+            self.logger.log(self.step, self.validate())
         return self.losses
 
     def stop_on_nonfinite(self) -> None:
@@ -220,23 +220,33 @@ class Trainer:
         return gather_sequence(out.float(), d.sp_group) if d.sp > 1 else out.float()
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self) -> dict[str, float]:
+        """val/loss at the training distribution of t, and val/loss_t<v> at each fixed t in
+        logging.val_timesteps; the same noise every time, so values are comparable across steps."""
         spec = stream_spec(self.cfg, caption_dropout=0.0, epochs=1)
         loader = PackedLoader(self.cfg.data.val, spec, self.dims.dp_rank, self.dims.dp, num_workers=0)
-        total, n = torch.zeros(1), 0
+        fixed = list(self.cfg.logging.val_timesteps)
+        totals, n = torch.zeros(1 + len(fixed)), 0
         for i, batch in zip(range(self.cfg.logging.val_batches), loader):
-            gen = step_generator(self.cfg.seed, 10**9, i, self.dims.dp_rank)  # the same noise every time
+            gen = step_generator(self.cfg.seed, 10**9, i, self.dims.dp_rank)
             t = self.objective.sample_t(batch.grids.prod(-1), gen)
-            x_t, target = self.objective.corrupt(batch.tokens, torch.randn(batch.tokens.shape, generator=gen),
-                                                 per_token(t, batch.seg))
-            b = batch.to(self.device)
-            pred = self.full_forward(x_t.to(self.device), t.to(self.device), b.pos, b.seg, b.text, b.text_seg)
-            pred = self.objective.velocity(pred, x_t.to(self.device), per_token(t, batch.seg).to(self.device))
-            total += (masked_mse_sum(pred.cpu(), target, batch.seg) / batch.real_tokens).cpu()
+            noise = torch.randn(batch.tokens.shape, generator=gen).to(self.device)
+            batch = batch.to(self.device)
+            for j, tj in enumerate([t] + [torch.full_like(t, v) for v in fixed]):
+                totals[j] += self.val_loss(batch, noise, tj)
             n += 1
-        stats = torch.tensor([total.item(), float(n)])
-        dist.all_reduce(stats)
-        return float(stats[0] / max(stats[1], 1.0))  # every SP member counts the same rows: the ratio is unchanged
+        stats = torch.cat([totals, torch.tensor([float(n)])])
+        dist.all_reduce(stats)  # every SP member counts the same rows: the ratios are unchanged
+        means = (stats[:-1] / stats[-1].clamp(min=1.0)).tolist()
+        return {"val/loss": means[0], **{f"val/loss_t{v:g}": m for v, m in zip(fixed, means[1:])}}
+
+    def val_loss(self, batch, noise, t) -> float:
+        """batch and noise on the device, t [R,M] on the CPU."""
+        t_tok = per_token(t.to(self.device), batch.seg)
+        x_t, target = self.objective.corrupt(batch.tokens, noise, t_tok)
+        pred = self.full_forward(x_t, t.to(self.device), batch.pos, batch.seg, batch.text, batch.text_seg)
+        pred = self.objective.velocity(pred, x_t, t_tok)
+        return (masked_mse_sum(pred, target, batch.seg) / batch.real_tokens).item()
 
     @torch.no_grad()
     def sample(self) -> list[Path]:

@@ -34,7 +34,8 @@ def wandb_records(path):
 
 
 def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run(dataset, tmp_path):
-    base = {"logging.wandb.mode": "offline", "checkpoint.every": 2, "data.seq_len": 512}
+    base = {"logging.wandb.mode": "offline", "checkpoint.every": 2, "data.seq_len": 512,
+            "data.val": str(dataset / "shards"), "logging.val_every": 3, "logging.val_batches": 1}
     torchrun(1, [ "-m", "sora_train.train", *tiny_model(dataset / "shards", tmp_path, **base, **{"optim.steps": 4})])
     torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", tmp_path, **base, **{"optim.steps": 6})])
     runs = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -50,7 +51,8 @@ def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run
                     steps.append(int(items["_step"]))
             elif kind == "run":
                 config.update({i.key: i.value_json for i in r.run.config.update})
-    assert {"loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/tflops", "time/data_wait_s", "data/skipped"} <= keys
+    assert {"loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/tflops", "time/data_wait_s", "data/skipped",
+            "val/loss", "val/loss_t0.1", "val/loss_t0.9"} <= keys
     assert steps == [1, 2, 3, 4, 5, 6]
     assert json.loads(config["model"])["dim"] == 48 and json.loads(config["data"])["seq_len"] == 512
 
