@@ -29,6 +29,7 @@ class ModelConfig:
     cross_attention: bool = True
     pooled_text: bool = True
     qk_norm: bool = True
+    frac_pos: bool = False  # NaViT fractional position embeddings on top of 3D RoPE
     rope_theta: float = 10000.0
     attention: str = "sdpa"
     max_segments: int = 64

@@ -33,6 +33,7 @@ def generation_batch(texts: list[np.ndarray], grid, text_dim: int, multiple: int
     L = max(t.shape[0] for t in texts)
     pos = torch.zeros(2 * B, S, 3, dtype=torch.long)
     pos[:, :n] = grid_positions(grid)
+    extent = torch.tensor(grid, dtype=torch.long).expand(2 * B, S, 3)
     seg = torch.zeros(2 * B, S, dtype=torch.long)
     seg[:, :n] = 1
     text = torch.zeros(2 * B, L, text_dim)
@@ -41,20 +42,21 @@ def generation_batch(texts: list[np.ndarray], grid, text_dim: int, multiple: int
         text[i, : t.shape[0]] = torch.from_numpy(t.astype(np.float32))
         text_seg[i, : t.shape[0]] = 1
     text_seg[B:, 0] = 1  # unconditional: one zero token
-    return pos, seg, text, text_seg, n, S
+    return pos, seg, text, text_seg, extent, n, S
 
 
 @torch.no_grad()
 def generate_latents(forward, objective, texts: list[np.ndarray], grid, patch, channels: int, text_dim: int,
                      steps: int, guidance: float, solver: str, seed: int, device, multiple: int = 1):
-    pos, seg, text, text_seg, n, S = generation_batch(texts, grid, text_dim, multiple)
-    pos, seg, text, text_seg = (x.to(device) for x in (pos, seg, text, text_seg))
+    pos, seg, text, text_seg, extent, n, S = generation_batch(texts, grid, text_dim, multiple)
+    pos, seg, text, text_seg, extent = (x.to(device) for x in (pos, seg, text, text_seg, extent))
     B, P = len(texts), channels * math.prod(patch)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, S, P, generator=g).to(device)
 
     def predict(x, t: float):
-        out = forward(torch.cat([x, x]), torch.full((2 * B, 1), t, device=device), pos, seg, text, text_seg).float()
+        out = forward(torch.cat([x, x]), torch.full((2 * B, 1), t, device=device), pos, seg, text, text_seg,
+                      extent=extent).float()
         cond, uncond = out.chunk(2)
         return guided(cond, uncond, guidance)
 

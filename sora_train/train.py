@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from . import CONF_DIR
 from .codecs import codec_from_manifest_name
-from .config import register, to_container
+from .config import ModelConfig, register, to_container
 from .data import PackedLoader, StreamPosition, StreamSpec
 from .diffusion import build_objective, masked_mse_sum, per_token
 from .engine.checkpoint import CheckpointManager, find_latest
@@ -115,10 +116,11 @@ class Trainer:
         text = batch.text if text is None else text
         x_local = shard(x_t)
         pred = self.engine(x_local.to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
-                           text.to(self.device, self.dtype), batch.text_seg.to(self.device))
-        pred = self.objective.velocity(pred.float(), x_local, shard(per_token(t, batch.seg)))
+                           text.to(self.device, self.dtype), batch.text_seg.to(self.device), extent=shard(batch.extent))
+        t_tok = shard(per_token(t, batch.seg))
+        pred = self.objective.velocity(pred.float(), x_local, t_tok)
         # Normalised by the real tokens of the full rows: the SP ranks' losses sum to the full mean.
-        return masked_mse_sum(pred, shard(target), seg) / batch.real_tokens
+        return masked_mse_sum(pred, shard(target), seg, self.objective.loss_weight(t_tok)) / batch.real_tokens
 
     # -- one optimizer step -----------------------------------------------------------------------
     def train_step(self, batches) -> dict:
@@ -212,11 +214,12 @@ class Trainer:
         meta = {"wandb_id": self.logger.run_id, "config": to_container(self.cfg), "manifest": manifest_header(self.manifest)}
         return self.ckpt.save(self.engine, self.step, self.ema, position.state_dict(), meta)
 
-    def full_forward(self, x, t, pos, seg, text, text_seg):
+    def full_forward(self, x, t, pos, seg, text, text_seg, extent):
         """Full rows in, full rows out (shards for SP and gathers back); for validation and sampling."""
         d = self.dims
         sh = lambda v: shard_sequence(v, d.sp_rank, d.sp)  # noqa: E731
-        out = self.engine.module(sh(x).to(self.dtype), t.to(self.dtype), sh(pos), sh(seg), text.to(self.dtype), text_seg)
+        out = self.engine.module(sh(x).to(self.dtype), t.to(self.dtype), sh(pos), sh(seg), text.to(self.dtype), text_seg,
+                                 extent=sh(extent))
         return gather_sequence(out.float(), d.sp_group) if d.sp > 1 else out.float()
 
     @torch.no_grad()
@@ -244,9 +247,9 @@ class Trainer:
         """batch and noise on the device, t [R,M] on the CPU."""
         t_tok = per_token(t.to(self.device), batch.seg)
         x_t, target = self.objective.corrupt(batch.tokens, noise, t_tok)
-        pred = self.full_forward(x_t, t.to(self.device), batch.pos, batch.seg, batch.text, batch.text_seg)
+        pred = self.full_forward(x_t, t.to(self.device), batch.pos, batch.seg, batch.text, batch.text_seg, batch.extent)
         pred = self.objective.velocity(pred, x_t, t_tok)
-        return (masked_mse_sum(pred, target, batch.seg) / batch.real_tokens).item()
+        return (masked_mse_sum(pred, target, batch.seg, self.objective.loss_weight(t_tok)) / batch.real_tokens).item()
 
     @torch.no_grad()
     def sample(self) -> list[Path]:
@@ -308,6 +311,20 @@ def resume_point(cfg, ckpt_root: Path) -> Path | None:
     return Path(cfg.checkpoint.resume)
 
 
+def refuse_incompatible_resume(cfg, meta: dict, src: Path) -> None:
+    """A run may change its world size, SP degree, schedule or data layout on resume, not its model or
+    ZeRO stage: say so before DeepSpeed fails deep inside load_checkpoint."""
+    old, new = meta["config"], to_container(cfg)
+    defaults = asdict(ModelConfig())  # keys added since the checkpoint was written take their defaults
+    changed = [f"model.{k}: {old['model'].get(k, defaults.get(k))!r} -> {v!r}" for k, v in new["model"].items()
+               if old["model"].get(k, defaults.get(k)) != v]
+    if old["parallel"]["zero_stage"] != new["parallel"]["zero_stage"]:
+        changed.append(f"parallel.zero_stage: {old['parallel']['zero_stage']} -> {new['parallel']['zero_stage']}")
+    if changed:
+        raise ConfigError(f"cannot resume {src} with this config ({'; '.join(changed)}); use the checkpoint's "
+                          f"config or start a new out_dir (checkpoint.resume=never starts over in place)")
+
+
 def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (tests feed fixed batches)."""
     manifest = preflight(cfg)  # refuses bad config before any process group or data work
@@ -318,6 +335,8 @@ def build(cfg, loader=None) -> Trainer:
     ckpt = CheckpointManager(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep_last,
                              dims.rank, dims.world_size)
     src = resume_point(cfg, ckpt.root)
+    if src is not None:
+        refuse_incompatible_resume(cfg, ckpt.read_meta(src), src)
     resharding = src is not None and ckpt.read_meta(src)["world_size"] != dims.world_size
     if resharding:
         ckpt.prepare_resharding(src)
@@ -326,8 +345,6 @@ def build(cfg, loader=None) -> Trainer:
     step, position, run_id = 0, None, None
     if src is not None:
         meta = ckpt.load(engine, src, ema)
-        if meta["config"]["model"] != to_container(cfg.model):
-            raise ConfigError(f"the model config differs from the checkpoint's ({src}); a run cannot change its model")
         step, position, run_id = meta["step"], meta["data_position"], meta.get("wandb_id")
         if dims.is_main:
             print(f"resumed from {src} at step {step} (saved on {meta['world_size']} ranks, now {dims.world_size})",

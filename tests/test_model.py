@@ -13,7 +13,8 @@ from sora_train.models import DiT, DiTArgs
 from sora_train.models.attention import FlexAttention, build_attention
 from sora_train.models.flops import forward_flops
 
-ARGS = DiTArgs(in_channels=8, patch_size=(1, 2, 2), dim=48, depth=2, heads=4, text_dim=16, max_segments=8)
+ARGS = DiTArgs(in_channels=8, patch_size=(1, 2, 2), dim=48, depth=2, heads=4, text_dim=16, max_segments=8,
+               frac_pos=True)
 
 
 def make_items(n=3, seed=0):
@@ -50,7 +51,7 @@ def trained_model(args=ARGS, seed=0):
 
 
 def run(model, batch, t):
-    return model(batch.tokens, t, batch.pos, batch.seg, batch.text, batch.text_seg)
+    return model(batch.tokens, t, batch.pos, batch.seg, batch.text, batch.text_seg, extent=batch.extent)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "varlen", "naive"])
@@ -65,6 +66,19 @@ def test_sample_output_is_the_same_alone_and_packed(backend):
         ref = run(model, alone, t[:, j : j + 1])
         got = out[0][packed.seg[0] == packed.keys[0].index(it.key) + 1]
         torch.testing.assert_close(got, ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fractional_positions_use_each_samples_own_extent():
+    model = trained_model()
+    batch, t = pack(make_items(2)), torch.tensor([[0.5, 0.5] + [0.0] * 6])
+    with pytest.raises(ValueError, match="extent"):
+        model(batch.tokens, t, batch.pos, batch.seg, batch.text, batch.text_seg)
+    base = run(model, batch, t)
+    batch.grids[0, 1] += 1  # claim the second sample is larger: only its tokens change
+    moved = run(model, batch, t)
+    first = batch.seg[0] == 1
+    torch.testing.assert_close(moved[0, first], base[0, first])
+    assert (moved[0, batch.seg[0] == 2] - base[0, batch.seg[0] == 2]).abs().max() > 1e-3
 
 
 def test_attention_backends_agree_with_naive():
@@ -158,6 +172,21 @@ def test_loss_counts_real_tokens_only():
     assert masked_mse_sum(pred, target, torch.tensor([[1, 1, 2, 0]])).item() == 3.0
 
 
+def test_loss_t_floor_turns_the_v_loss_into_an_x0_loss_below_the_floor():
+    g = torch.Generator().manual_seed(0)
+    x0, noise, x0_hat = (torch.randn(1, 3, 8, generator=g) for _ in range(3))
+    t = torch.tensor([0.1, 0.5, 0.9]).reshape(1, 3, 1)
+    seg = torch.ones(1, 3, dtype=torch.long)
+    x0_err = (x0_hat - x0).pow(2).mean(-1)[0]  # per token
+    for floor, expect in [(0.0, x0_err / t.flatten() ** 2), (0.5, x0_err / t.flatten().clamp(min=0.5) ** 2),
+                          (1.0, x0_err)]:
+        flow = RectifiedFlow(FlowConfig(prediction="x0", loss_t_floor=floor))
+        x_t, target = flow.corrupt(x0, noise, t)
+        per_tok = [masked_mse_sum(flow.velocity(x0_hat, x_t, t)[:, i:i + 1], target[:, i:i + 1], seg[:, i:i + 1],
+                                  flow.loss_weight(t)[:, i:i + 1]) for i in range(3)]
+        torch.testing.assert_close(torch.stack(per_tok), expect, rtol=1e-5, atol=1e-6)
+
+
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = DiT(ARGS)
@@ -170,7 +199,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        loss = masked_mse_sum(model(x_t, t, batch.pos, batch.seg, batch.text, batch.text_seg), target,
+        loss = masked_mse_sum(model(x_t, t, batch.pos, batch.seg, batch.text, batch.text_seg, extent=batch.extent), target,
                               batch.seg) / batch.real_tokens
         opt.zero_grad()
         loss.backward()
@@ -183,7 +212,7 @@ def test_unconditional_model_has_no_text_path():
     m = DiT(DiTArgs(**{**ARGS.__dict__, "cross_attention": False}))
     batch = pack(make_items(2))
     assert not any("cross_attn" in n or "y_embedder" in n for n, _ in m.named_parameters())
-    assert m(batch.tokens, torch.rand(1, 8), batch.pos, batch.seg).shape == batch.tokens.shape
+    assert m(batch.tokens, torch.rand(1, 8), batch.pos, batch.seg, extent=batch.extent).shape == batch.tokens.shape
 
 
 def test_analytic_flops_match_the_flop_counter():

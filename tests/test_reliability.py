@@ -191,3 +191,20 @@ def test_nothing_from_shards_or_downloads_is_unpickled():
     for folder in ("sora_train", "data_tools"):
         for f in (ROOT / folder).rglob("*.py"):
             assert not pattern.search(f.read_text()), f
+
+
+def test_resume_with_another_model_or_zero_stage_is_refused_naming_the_keys(dataset, tmp_path):
+    from sora_train.config import to_container
+    from sora_train.preflight import ConfigError
+    from sora_train.train import refuse_incompatible_resume
+
+    data = f"data.train={dataset / 'shards'}"
+    saved = to_container(compose(data, "model.frac_pos=false"))
+    del saved["model"]["frac_pos"]  # a checkpoint written before the key existed: its default (False) applies
+    meta = {"config": saved}
+    refuse_incompatible_resume(compose(data, "model.frac_pos=false", "optim.lr=1e-4", "parallel.sp=2",
+                                       "data.seq_len=2048"), meta, tmp_path)
+    cfg = compose(data, "model.depth=4", "model.frac_pos=true", "parallel.zero_stage=3")
+    with pytest.raises(ConfigError, match=r"model.depth: 6 -> 4; model.frac_pos: False -> True; "
+                                          r"parallel.zero_stage: 1 -> 3"):
+        refuse_incompatible_resume(cfg, meta, tmp_path)

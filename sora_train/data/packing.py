@@ -62,6 +62,12 @@ class PackedBatch:
         return self
 
     @property
+    def extent(self) -> torch.Tensor:
+        """[R,S,3]: the latent grid of each token's sample (padding gets slot 0's)."""
+        idx = (self.seg - 1).clamp(min=0)[..., None].expand(-1, -1, 3)
+        return torch.gather(self.grids, 1, idx)
+
+    @property
     def real_tokens(self) -> int:
         return int((self.seg > 0).sum())
 

@@ -33,11 +33,14 @@ def per_token(values: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 1, (seg - 1).clamp(min=0))[..., None]
 
 
-def masked_mse_sum(pred: torch.Tensor, target: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+def masked_mse_sum(pred: torch.Tensor, target: torch.Tensor, seg: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over real tokens of the per-token mean squared error; padding never counts.
     Divide by the real-token count of the *whole* micro-batch (not of an SP shard), so that
     the sum over sequence-parallel ranks equals the full-sequence mean."""
     err = (pred.float() - target.float()).pow(2).mean(-1)
+    if weight is not None:  # [B,S,1] per token
+        err = err * weight[..., 0]
     return (err * (seg > 0)).sum()
 
 

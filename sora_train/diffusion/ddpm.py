@@ -51,6 +51,9 @@ class DDPM:
         """DDPM trains on its own target (eps or v) directly."""
         return out
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t)
+
     def sample(self, predict, x, steps: int, n_tokens: int = 0, solver: str = "ddim") -> torch.Tensor:
         """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps."""
         if solver != "ddim":

@@ -26,6 +26,11 @@ class FlowConfig:
     max_shift: float = 6.0
     prediction: str = "velocity"  # velocity | x0
     t_min: float = 0.05  # x0 prediction: v = (x_t - x0) / max(t, t_min)
+    # The v-loss weighs an x0 error by 1/t^2: near-clean samples (trivial to denoise) then dominate
+    # the gradient, and a small budget never learns the high-noise end where layout, colour and
+    # motion are decided. Below loss_t_floor the weight stops growing: (t / max(t, floor))^2 on the
+    # v-loss. 0 = the plain v-loss; 1 = an x0-error loss.
+    loss_t_floor: float = 0.0
 
 
 def shift_time(t: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
@@ -57,6 +62,12 @@ class RectifiedFlow:
         if self.cfg.prediction == "velocity":
             return out
         return (x_t - out) / t.clamp(min=self.cfg.t_min) if isinstance(t, torch.Tensor) else (x_t - out) / max(t, self.cfg.t_min)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-token weight of the squared velocity error; t [B,S,1]."""
+        if self.cfg.loss_t_floor <= 0:
+            return torch.ones_like(t)
+        return (t / t.clamp(min=self.cfg.loss_t_floor)).pow(2)
 
     def timesteps(self, steps: int, n_tokens: int) -> list[float]:
         ts = torch.linspace(1.0, 0.0, steps + 1)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .attention import build_attention
-from .layers import CrossAttention, Mlp, RoPE3D, SelfAttention, TimestepEmbedder, modulate
+from .layers import CrossAttention, FractionalPositions, Mlp, RoPE3D, SelfAttention, TimestepEmbedder, modulate
 
 
 @dataclass
@@ -28,6 +28,7 @@ class DiTArgs:
     cross_attention: bool = True  # False: unconditional pretraining, no text
     pooled_text: bool = True  # add the mean text state to the adaLN conditioning (global signal, SD3-style)
     qk_norm: bool = True
+    frac_pos: bool = False  # add NaViT fractional position embeddings (absolute place within the clip)
     rope_theta: float = 10000.0
     attention: str = "sdpa"  # sdpa | flex | varlen | naive
     max_segments: int = 64  # samples per packed row (varlen backend)
@@ -96,6 +97,8 @@ class DiT(nn.Module):
                 self.pooled_embedder = nn.Sequential(nn.Linear(args.text_dim, args.dim), nn.SiLU(),
                                                      nn.Linear(args.dim, args.dim))
         self.rope = RoPE3D(args.dim // args.heads, args.rope_theta)
+        if args.frac_pos:
+            self.pos_embedder = FractionalPositions(args.dim)
         self.blocks = nn.ModuleList(DiTBlock(args) for _ in range(args.depth))
         self.final_layer = FinalLayer(args)
         # Swappable from outside: Ulysses wraps `attention`; cross-attention always stays local.
@@ -120,10 +123,15 @@ class DiT(nn.Module):
             nn.init.zeros_(p.weight)
             nn.init.zeros_(p.bias)
 
-    def forward(self, x, t, pos, seg, text=None, text_seg=None):
+    def forward(self, x, t, pos, seg, text=None, text_seg=None, extent=None):
         """x [B,S,patch_dim] noisy patches; t [B,M] per-sample time in [0,1]; pos [B,S,3]; seg [B,S]
-        (0 = padding); text [B,L,text_dim], text_seg [B,L]. Returns [B,S,patch_dim]."""
+        (0 = padding); text [B,L,text_dim], text_seg [B,L]; extent [B,S,3]: the grid of each token's
+        sample (needed with frac_pos). Returns [B,S,patch_dim]."""
         h = self.x_embedder(x)  # [B,S,D]
+        if self.args.frac_pos:
+            if extent is None:
+                raise ValueError("model.frac_pos needs extent (each token's sample grid, PackedBatch.extent)")
+            h = h + self.pos_embedder(pos, extent)
         c = self.t_embedder(t)  # [B,M,D]
         sample_of_token = (seg - 1).clamp(min=0)  # [B,S]
         rope = self.rope.freqs(pos)  # cos, sin [B,S,1,hd/2]

@@ -28,6 +28,24 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
+class FractionalPositions(nn.Module):
+    """NaViT's factorised fractional position embedding (Dehghani et al. 2023): each token's place
+    as a fraction of its own sample's extent per axis (t, h, w), as Fourier features -> Linear.
+    RoPE alone is relative; this tells a token where it is in *its* clip (left edge, last frame)
+    whatever the clip's resolution or duration."""
+
+    def __init__(self, dim: int, freqs: int = 8):
+        super().__init__()
+        self.register_buffer("k", torch.arange(1, freqs + 1, dtype=torch.float32) * math.pi, persistent=False)
+        self.proj = nn.Linear(3 * 2 * freqs, dim)
+
+    def forward(self, pos: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+        """pos, extent [B,S,3] (extent = the sample's grid) -> [B,S,dim]."""
+        frac = (pos.float() + 0.5) / extent.float().clamp(min=1.0)  # in (0, 1): half-periods never wrap
+        a = (frac[..., None] * self.k).flatten(-2)  # [B,S,3*freqs]
+        return self.proj(torch.cat([a.sin(), a.cos()], -1).to(self.proj.weight.dtype))
+
+
 class RoPE3D(nn.Module):
     """Rotary embedding over (t,h,w): head_dim is split into three even parts, one per axis."""
 
