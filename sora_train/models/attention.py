@@ -2,7 +2,8 @@
 
 A backend is an nn.Module with no parameters:
   prepare(seg_q [B,Sq], seg_k [B,Sk]) -> mask object   (once per forward, reused by every layer)
-  forward(q [B,Sq,H,D], k [B,Sk,H,D], v [B,Sk,H,D], mask) -> [B,Sq,H,D]
+  forward(q [B,Sq,H,D], k [B,Sk,H,D], v [B,Sk,H,D], mask) -> [B,Sq,H,D]   (`mask` by that name:
+  Ulysses passes it by keyword)
 Query i may attend key j iff seg_q[i] == seg_k[j]. Outputs at padding queries (segment 0) are
 never used and only guaranteed finite. On real tokens all backends compute the same function;
 `naive` is the reference the tests compare against.
@@ -100,7 +101,8 @@ class VarlenAttention(nn.Module):
         return {"lq": lq.tolist(), "lk": lk.tolist(), "cu_q": cu(lq), "cu_k": cu(lk),
                 "max_q": int(lq.max()), "max_k": int(lk.max())}
 
-    def forward(self, q, k, v, m):
+    def forward(self, q, k, v, mask):
+        m = mask
         B, Sq, H, D = q.shape
         qf, kf, vf = q.reshape(-1, H, D), k.reshape(-1, H, D), v.reshape(-1, H, D)
         if self._flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
