@@ -162,3 +162,8 @@ def register() -> None:
 
 def to_container(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def saved_model_config(saved: dict):
+    """A checkpoint's model config on today's schema: keys added since it was written take their defaults."""
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), saved)

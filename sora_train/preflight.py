@@ -21,7 +21,7 @@ def dit_args(m) -> DiTArgs:
     return DiTArgs(in_channels=m.in_channels, patch_size=tuple(m.patch_size), dim=m.dim, depth=m.depth,
                    heads=m.heads, mlp_ratio=m.mlp_ratio, text_dim=m.text_dim, cross_attention=m.cross_attention, pooled_text=m.pooled_text,
                    qk_norm=m.qk_norm, rope_theta=m.rope_theta, attention=m.attention, max_segments=m.max_segments,
-                   frac_pos=m.get("frac_pos", False))  # absent in checkpoints written before it existed
+                   frac_pos=m.frac_pos)
 
 
 def checkpoint_bytes(params: int, zero_stage: int) -> int:

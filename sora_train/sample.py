@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from . import CONF_DIR
 from .codecs import codec_from_manifest_name
 from .codecs.text import HFTextEncoder
-from .config import register
+from .config import register, saved_model_config
 from .diffusion import DiffusionConfig, FlowConfig, DDPMConfig, build_objective
 from .engine.checkpoint import find_latest, is_complete
 from .generate import generate_latents, latent_grid, to_frames, write_videos
@@ -43,9 +43,7 @@ def load_for_sampling(path: str | Path, use_ema: bool = True) -> tuple[DiT, dict
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    from omegaconf import OmegaConf
-
-    model = DiT(dit_args(OmegaConf.create(meta["config"]["model"])))
+    model = DiT(dit_args(saved_model_config(meta["config"]["model"])))
     model.load_state_dict(state, strict=True)
     return model.eval(), meta
 

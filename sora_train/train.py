@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 from . import CONF_DIR
 from .codecs import codec_from_manifest_name
-from .config import ModelConfig, register, to_container
+from .config import register, saved_model_config, to_container
 from .data import PackedLoader, StreamPosition, StreamSpec
 from .diffusion import build_objective, masked_mse_sum, per_token
 from .engine.checkpoint import CheckpointManager, find_latest
@@ -315,9 +314,8 @@ def refuse_incompatible_resume(cfg, meta: dict, src: Path) -> None:
     """A run may change its world size, SP degree, schedule or data layout on resume, not its model or
     ZeRO stage: say so before DeepSpeed fails deep inside load_checkpoint."""
     old, new = meta["config"], to_container(cfg)
-    defaults = asdict(ModelConfig())  # keys added since the checkpoint was written take their defaults
-    changed = [f"model.{k}: {old['model'].get(k, defaults.get(k))!r} -> {v!r}" for k, v in new["model"].items()
-               if old["model"].get(k, defaults.get(k)) != v]
+    old_model = to_container(saved_model_config(old["model"]))
+    changed = [f"model.{k}: {old_model[k]!r} -> {v!r}" for k, v in new["model"].items() if old_model[k] != v]
     if old["parallel"]["zero_stage"] != new["parallel"]["zero_stage"]:
         changed.append(f"parallel.zero_stage: {old['parallel']['zero_stage']} -> {new['parallel']['zero_stage']}")
     if changed:
@@ -335,9 +333,10 @@ def build(cfg, loader=None) -> Trainer:
     ckpt = CheckpointManager(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep_last,
                              dims.rank, dims.world_size)
     src = resume_point(cfg, ckpt.root)
-    if src is not None:
-        refuse_incompatible_resume(cfg, ckpt.read_meta(src), src)
-    resharding = src is not None and ckpt.read_meta(src)["world_size"] != dims.world_size
+    saved = ckpt.read_meta(src) if src is not None else None
+    if saved is not None:
+        refuse_incompatible_resume(cfg, saved, src)
+    resharding = saved is not None and saved["world_size"] != dims.world_size
     if resharding:
         ckpt.prepare_resharding(src)
     engine = build_engine(cfg, model, dims, device, load_universal=resharding)

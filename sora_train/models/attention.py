@@ -102,14 +102,13 @@ class VarlenAttention(nn.Module):
                 "max_q": int(lq.max()), "max_k": int(lk.max())}
 
     def forward(self, q, k, v, mask):
-        m = mask
         B, Sq, H, D = q.shape
         qf, kf, vf = q.reshape(-1, H, D), k.reshape(-1, H, D), v.reshape(-1, H, D)
         if self._flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            out = self._flash(qf, kf, vf, m["cu_q"], m["cu_k"], m["max_q"], m["max_k"])
+            out = self._flash(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
             return out.reshape(B, Sq, H, D)
         outs, kq, kk = [], 0, 0
-        for nq, nk in zip(m["lq"], m["lk"]):
+        for nq, nk in zip(mask["lq"], mask["lk"]):
             if nq:
                 if nk:
                     o = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in

@@ -34,10 +34,13 @@ class FractionalPositions(nn.Module):
     RoPE alone is relative; this tells a token where it is in *its* clip (left edge, last frame)
     whatever the clip's resolution or duration."""
 
-    def __init__(self, dim: int, freqs: int = 8):
+    FEATURES = 3 * 2 * 8  # axes x (sin, cos) x frequencies
+
+    def __init__(self, dim: int):
         super().__init__()
+        freqs = self.FEATURES // 6
         self.register_buffer("k", torch.arange(1, freqs + 1, dtype=torch.float32) * math.pi, persistent=False)
-        self.proj = nn.Linear(3 * 2 * freqs, dim)
+        self.proj = nn.Linear(self.FEATURES, dim)
 
     def forward(self, pos: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
         """pos, extent [B,S,3] (extent = the sample's grid) -> [B,S,dim]."""
