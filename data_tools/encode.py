@@ -2,8 +2,9 @@
 
 Policy for each clip (documented in README "Data"):
   1. frames: keep every `stride`-th frame (stride = round(fps / target_fps) when target_fps is
-     set; with span=True the stride makes the kept frames span the whole clip), keep at most `max_frames`, then snap down to a count the codec maps to a whole number
-     of temporal patches; fewer than `min_frames` left -> the clip is skipped as too short.
+     set), keep at most `max_frames`, then snap down to a count the codec maps to a whole number
+     of temporal patches; fewer than `min_frames` left -> the clip is skipped as too short. With
+     span=True the same number of frames is taken evenly from the first to the last frame.
   2. space: keep the aspect ratio, scale down (never up) so H*W <= max_pixels, snap H and W down
      to multiples of codec factor x patch size, resize (antialiased) and centre-crop to that.
   3. codec.encode(frames in [-1,1]) -> latent (C,T',H',W') float16; caption -> text states.
@@ -56,12 +57,12 @@ class ClipRejected(ValueError):
 
 def frame_indices(num_frames: int, fps: float, policy: EncodePolicy, codec: VideoCodec) -> list[int]:
     stride = max(1, round(fps / policy.target_fps)) if policy.target_fps and fps else 1
-    if policy.span:
-        stride = max(stride, num_frames // policy.max_frames)
     kept = min(math.ceil(num_frames / stride), policy.max_frames)
     kept = codec.info.snap_frames(kept, latent_multiple=policy.patch_size[0])
     if kept < max(policy.min_frames, 1):
         raise ClipRejected(f"too short: {num_frames} frames at stride {stride} leave {kept} usable (< {policy.min_frames})")
+    if policy.span:  # a whole-number stride would stop short (15 frames -> 8 at stride 1 cover half the clip)
+        return np.linspace(0, num_frames - 1, kept).round().astype(int).tolist()
     return list(range(0, kept * stride, stride))
 
 

@@ -165,5 +165,10 @@ def to_container(cfg: Any) -> dict:
 
 
 def saved_model_config(saved: dict):
-    """A checkpoint's model config on today's schema: keys added since it was written take their defaults."""
+    """A checkpoint's model config on today's schema: keys added since it was written take their defaults.
+    Keys this schema does not know (a checkpoint from a newer sora_train) are refused by name."""
+    unknown = sorted(set(saved) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"the checkpoint's model config has keys this sora_train does not know: "
+                         f"{', '.join('model.' + k for k in unknown)} (written by a newer version?)")
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), saved)

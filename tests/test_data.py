@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.encode import EncodePolicy, npy_bytes, prepare_frames
+from data_tools.encode import EncodePolicy, frame_indices, npy_bytes, prepare_frames
 from sora_train.codecs import PixelCodec
 from sora_train.data import (DataQualityError, ManifestMismatch, PackedLoader, StreamPosition, StreamSpec,
                              check_manifest, list_shards, load_manifest, unpack)
@@ -40,6 +40,15 @@ def test_round_trip_video_to_packed_batch_is_exact(dataset):
                 assert torch.equal(latent, expected), key
                 checked += 1
     assert checked == 48
+
+
+@pytest.mark.parametrize("num_frames", [8, 14, 15, 47])
+def test_span_policy_keeps_frames_from_first_to_last(num_frames):
+    codec = PixelCodec((1, 4, 4))
+    idx = frame_indices(num_frames, 24.0, EncodePolicy(max_frames=8, span=True), codec)
+    assert len(idx) == 8 and idx[0] == 0 and idx[-1] == num_frames - 1
+    assert all(b > a for a, b in zip(idx, idx[1:]))
+    assert frame_indices(num_frames, 24.0, EncodePolicy(max_frames=8), codec) == list(range(8))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -208,3 +208,11 @@ def test_resume_with_another_model_or_zero_stage_is_refused_naming_the_keys(data
     with pytest.raises(ConfigError, match=r"model.depth: 6 -> 4; model.frac_pos: False -> True; "
                                           r"parallel.zero_stage: 1 -> 3"):
         refuse_incompatible_resume(cfg, meta, tmp_path)
+
+
+def test_checkpoint_model_config_from_a_newer_version_is_refused_by_key():
+    from sora_train.config import saved_model_config
+
+    assert saved_model_config({"dim": 64}).depth == 6  # keys added since: today's defaults
+    with pytest.raises(ValueError, match=r"model\.text_pool"):
+        saved_model_config({"dim": 64, "text_pool": "attention"})
