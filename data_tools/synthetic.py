@@ -48,6 +48,7 @@ class ClipSpec:
     fps: int
     size: float  # shape radius as a fraction of min(height, width)
     start: tuple[float, float]  # centre at frame 0, as fractions of (width, height)
+    travel: float = 0.45  # fraction of the frame crossed over the clip, whatever its length
 
     @property
     def caption(self) -> str:
@@ -72,7 +73,7 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def motion_centre(spec: ClipSpec, i: int) -> tuple[float, float]:
     """Centre of the shape at frame i, in pixels."""
     progress = i / max(spec.frames - 1, 1)
-    travel = 0.45  # fraction of the frame crossed over the clip, whatever its length
+    travel = spec.travel
     cx, cy = spec.start
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}.get(spec.motion, (0, 0))
     return (cx + dx * travel * progress) * spec.width, (cy + dy * travel * progress) * spec.height
@@ -96,21 +97,22 @@ def render(spec: ClipSpec) -> np.ndarray:
 
 
 def random_spec(rng: random.Random, min_size=32, max_size=128, min_frames=4, max_frames=64,
-                heldout: bool = False) -> ClipSpec:
+                max_aspect: float = 2.0, travel: float = 0.45, heldout: bool = False) -> ClipSpec:
     pairs = [(c, s) for c, s in itertools.product(COLOURS, SHAPES) if ((c, s) in HELDOUT_PAIRS) == heldout]
     colour, shape = rng.choice(pairs)
     motion = rng.choice(MOTIONS)
     background = rng.choice(list(BACKGROUNDS))
-    aspect = 2.0 ** rng.uniform(-1.0, 1.0)  # width / height in [1:2, 2:1]
+    aspect = max_aspect ** rng.uniform(-1.0, 1.0)  # width / height in [1:max_aspect, max_aspect:1]
     long_side = rng.randrange(min_size, max_size + 1, 8)
     if aspect >= 1:
         width, height = long_side, max(min_size, int(long_side / aspect) // 8 * 8)
     else:
         height, width = long_side, max(min_size, int(long_side * aspect) // 8 * 8)
-    start = {"left": (0.72, 0.5), "right": (0.28, 0.5), "up": (0.5, 0.72), "down": (0.5, 0.28)}.get(motion, (0.5, 0.5))
+    a, b = 0.5 + travel / 2, 0.5 - travel / 2  # centred paths: the clip's middle frame has the shape in the middle
+    start = {"left": (a, 0.5), "right": (b, 0.5), "up": (0.5, a), "down": (0.5, b)}.get(motion, (0.5, 0.5))
     return ClipSpec(colour, shape, motion, background, height, width,
                     frames=rng.randint(min_frames, max_frames), fps=rng.choice((8, 12, 16, 24)),
-                    size=rng.uniform(0.16, 0.24), start=start)
+                    size=rng.uniform(0.16, 0.24), start=start, travel=travel)
 
 
 def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool = False, **ranges) -> Path:
@@ -137,10 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-size", type=int, default=128)
     p.add_argument("--min-frames", type=int, default=4)
     p.add_argument("--max-frames", type=int, default=64)
+    p.add_argument("--max-aspect", type=float, default=2.0, help="widest width:height (and height:width); 1 = square")
+    p.add_argument("--travel", type=float, default=0.45, help="fraction of the frame a moving shape crosses")
     p.add_argument("--heldout", action="store_true", help="generate only the held-out (colour, shape) pairs")
     a = p.parse_args(argv)
     path = generate(a.out, a.num_clips, a.seed, a.heldout, min_size=a.min_size, max_size=a.max_size,
-                    min_frames=a.min_frames, max_frames=a.max_frames)
+                    min_frames=a.min_frames, max_frames=a.max_frames, max_aspect=a.max_aspect, travel=a.travel)
     print(f"wrote {a.num_clips} clips and {path}")
 
 

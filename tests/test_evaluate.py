@@ -40,3 +40,18 @@ def test_eval_prompts_include_pairs_never_seen_in_training():
     items = eval_prompts()
     held = {(it["colour"], it["shape"]) for it in items if it["heldout_pair"]}
     assert held == set(HELDOUT_PAIRS) and any(not it["heldout_pair"] for it in items)
+
+
+def test_synthetic_travel_and_aspect_options_shape_the_clips():
+    from data_tools.synthetic import motion_centre
+
+    rng = random.Random(0)
+    specs = [random_spec(rng, max_aspect=1.0, travel=0.7) for _ in range(40)]
+    assert all(s.height == s.width for s in specs)
+    right = next(s for s in specs if s.motion == "right")
+    (x0, y0), (x1, _) = motion_centre(right, 0), motion_centre(right, right.frames - 1)
+    assert abs(x0 / right.width - 0.15) < 1e-6 and abs(x1 / right.width - 0.85) < 1e-6 and y0 == right.height / 2
+    frames = render(right)  # the shape is drawn where motion_centre says: its foreground centroid travels right
+    bg = frames[0, 0, 0]
+    xs = [np.nonzero((f != bg).any(-1))[1].mean() for f in frames[[0, -1]]]
+    assert xs[1] - xs[0] > 0.5 * right.width, xs

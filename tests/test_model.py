@@ -235,3 +235,26 @@ def test_analytic_flops_match_the_flop_counter():
 def test_model_code_has_no_parallelism_imports():
     for f in Path(__file__).parents[1].joinpath("sora_train", "models").glob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+(torch\.distributed|deepspeed)", f.read_text(), re.M), f
+
+
+def test_probe_recomputes_the_cross_attention_the_model_applies():
+    """sora_train.probe reports attention mass per prompt word; its softmax must be the one the backend used:
+    probs @ v through the output projection reproduces the module's output."""
+    from sora_train.models.layers import CrossAttention
+    from sora_train.probe import cross_attention_mass, cross_attention_probs
+
+    torch.manual_seed(0)
+    module = CrossAttention(24, 4)
+    x, text = torch.randn(1, 10, 24), torch.randn(1, 5, 24)
+    sdpa = build_attention("sdpa", 8)
+    out = module(x, text, sdpa, sdpa.prepare(torch.ones(1, 10, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)))
+    probs = cross_attention_probs(module, x, text)  # [1,H,S,L]
+    v = module.kv(text).unflatten(-1, (2, 4, 6))[..., 1, :, :]
+    assert torch.allclose(module.proj(torch.einsum("bhsl,blhd->bshd", probs, v).flatten(2)), out, atol=1e-5)
+
+    model = DiT(DiTArgs(in_channels=3, patch_size=(1, 2, 2), dim=24, depth=2, heads=4, text_dim=16))
+    mass = cross_attention_mass(model, torch.randn(7, 16), grid=(2, 2, 2))
+    assert mass.shape == (2, 4, 7) and torch.allclose(mass.sum(-1), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        cross_attention_mass(DiT(DiTArgs(in_channels=3, dim=24, depth=1, heads=4, cross_attention=False)),
+                             torch.randn(7, 16))
