@@ -52,6 +52,11 @@ def lr_lambda(o):
     return f
 
 
+def grads_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
 def step_generator(*key: int) -> torch.Generator:
     """Noise and timesteps are a pure function of (seed, step, micro, dp_rank): resume needs no RNG
     state for them, and all SP ranks of a group draw the same noise for the same row."""
@@ -130,7 +135,7 @@ class Trainer:
             t1 = time.perf_counter()
             loss, finite = self.forward_backward(batch, micro)
             t2 = time.perf_counter()
-            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            grad_norm = self.engine_step(micro)
             self.meter.data_s, self.meter.compute_s = self.meter.data_s + t1 - t0, self.meter.compute_s + t2 - t1
             self.meter.optim_s += time.perf_counter() - t2
             all_finite &= finite
@@ -143,7 +148,17 @@ class Trainer:
         loss = torch.stack(losses).mean().reshape(1)
         dist.all_reduce(loss)  # summed over SP (parts of one mean) and DP (then averaged)
         return {"loss": loss.item() / self.dims.dp, "lr": self.engine.get_lr()[0], "finite": all_finite,
-                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+                "grad_norm": float(grad_norm or 0.0)}
+
+    def engine_step(self, micro: int) -> float | None:
+        """DeepSpeed steps the optimizer only at the accumulation boundary; returns the global
+        gradient norm (before clipping) there."""
+        boundary = micro == self.cfg.optim.grad_accum - 1
+        # Stage 0 in fp32 (DeepSpeed's plain optimizer step) clips but keeps no norm: take it before.
+        plain = self.cfg.parallel.zero_stage == 0 and self.dtype == torch.float32
+        norm = grads_norm(self.engine.module) if boundary and plain else None
+        self.engine.step()
+        return norm if norm is not None or not boundary else self.engine.get_global_grad_norm()
 
     def record_ids(self, batch) -> None:
         """Audit trail of the data order: (epoch, shard, index) and key of each trained sample."""

@@ -206,7 +206,7 @@ def test_resume_with_another_model_or_zero_stage_is_refused_naming_the_keys(data
                                        "data.seq_len=2048"), meta, tmp_path)
     cfg = compose(data, "model.depth=4", "model.frac_pos=true", "parallel.zero_stage=3")
     with pytest.raises(ConfigError, match=r"model.depth: 6 -> 4; model.frac_pos: False -> True; "
-                                          r"parallel.zero_stage: 1 -> 3"):
+                                          r"parallel.zero_stage: 0 -> 3"):
         refuse_incompatible_resume(cfg, meta, tmp_path)
 
 

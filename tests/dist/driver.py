@@ -67,13 +67,15 @@ def main():
             losses.append(loss)
             if step == 0 and m == ga - 1:
                 grads = {n: safe_get_full_grad(p) for n, p in trainer.engine.module.named_parameters()}
-            trainer.engine.step()
+            norm = trainer.engine_step(m)
         trainer.step += 1
         total = torch.stack(losses).mean().reshape(1)
         torch.distributed.all_reduce(total)
         record["loss"].append(total.item() / dims.dp)
-        record["grad_norm"].append(float(trainer.engine.get_global_grad_norm()))
-    params = {n: safe_get_full_fp32_param(p) for n, p in trainer.engine.module.named_parameters()}
+        record["grad_norm"].append(float(norm))
+    # ZeRO stage 0 keeps no fp32 master copy for safe_get_full_fp32_param: the module holds fp32 weights.
+    params = {n: safe_get_full_fp32_param(p) if trainer.cfg.parallel.zero_stage else p.detach()
+              for n, p in trainer.engine.module.named_parameters()}
     if dims.is_main:
         record["grads_step1"] = {n: g.flatten()[:2000].tolist() for n, g in grads.items() if g is not None}
         record["params"] = {n: p.flatten()[:2000].tolist() for n, p in params.items()}
