@@ -153,12 +153,14 @@ class Trainer:
     def engine_step(self, micro: int) -> float | None:
         """DeepSpeed steps the optimizer only at the accumulation boundary; returns the global
         gradient norm (before clipping) there."""
-        boundary = micro == self.cfg.optim.grad_accum - 1
+        if micro < self.cfg.optim.grad_accum - 1:
+            self.engine.step()
+            return None
         # Stage 0 in fp32 (DeepSpeed's plain optimizer step) clips but keeps no norm: take it before.
         plain = self.cfg.parallel.zero_stage == 0 and self.dtype == torch.float32
-        norm = grads_norm(self.engine.module) if boundary and plain else None
+        norm = grads_norm(self.engine.module) if plain else None
         self.engine.step()
-        return norm if norm is not None or not boundary else self.engine.get_global_grad_norm()
+        return norm if plain else self.engine.get_global_grad_norm()
 
     def record_ids(self, batch) -> None:
         """Audit trail of the data order: (epoch, shard, index) and key of each trained sample."""
