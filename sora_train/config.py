@@ -30,6 +30,7 @@ class ModelConfig:
     pooled_text: bool = True
     qk_norm: bool = True
     frac_pos: bool = False  # NaViT fractional position embeddings on top of 3D RoPE
+    frac_pos_joint: bool = False  # frac_pos also as waves across axes (t+w, h-t, ...), not only along each
     rope_theta: float = 10000.0
     attention: str = "sdpa"
     max_segments: int = 64
@@ -54,7 +55,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw | muon (DeepSpeed's Muon on hidden matrices, AdamW on the rest). Under ZeRO stages 1-3 Muon needs
+    # grad_clip=0 (DeepSpeed clips the orthogonalised update), and the logged grad_norm is that update's norm.
+    name: str = "adamw"
     lr: float = 3e-4
+    muon_lr: float = 0.02  # Muon's step on hidden matrices (its update is orthogonalised, so its scale differs)
+    momentum: float = 0.95  # Muon
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
     warmup_steps: int = 100

@@ -21,7 +21,7 @@ def dit_args(m) -> DiTArgs:
     return DiTArgs(in_channels=m.in_channels, patch_size=tuple(m.patch_size), dim=m.dim, depth=m.depth,
                    heads=m.heads, mlp_ratio=m.mlp_ratio, text_dim=m.text_dim, cross_attention=m.cross_attention, pooled_text=m.pooled_text,
                    qk_norm=m.qk_norm, rope_theta=m.rope_theta, attention=m.attention, max_segments=m.max_segments,
-                   frac_pos=m.frac_pos)
+                   frac_pos=m.frac_pos, frac_pos_joint=m.frac_pos_joint)
 
 
 def checkpoint_bytes(params: int, zero_stage: int) -> int:
@@ -47,6 +47,15 @@ def preflight(cfg) -> dict:
         raise ConfigError(f"diffusion.kind={cfg.diffusion.kind!r}: use flow or ddpm")
     if cfg.model.attention not in ("sdpa", "flex", "varlen", "flash", "naive"):
         raise ConfigError(f"model.attention={cfg.model.attention!r}: use sdpa, flex, varlen or naive")
+    if cfg.optim.name not in ("adamw", "muon"):
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: use adamw or muon")
+    if cfg.optim.name == "muon" and cfg.parallel.zero_stage > 0 and cfg.optim.grad_clip > 0:
+        # Measured (tests/test_distributed.py): under ZeRO DeepSpeed orthogonalises first and then clips the
+        # update (norm ~10-30) to optim.grad_clip, which shrinks every step; unclipped, ZeRO-3 matches stage 0.
+        raise ConfigError(f"optim.name=muon with parallel.zero_stage={cfg.parallel.zero_stage} and "
+                          f"optim.grad_clip={cfg.optim.grad_clip}: DeepSpeed would clip Muon's orthogonalised "
+                          f"update, not the gradient; set optim.grad_clip=0 (Muon's update is already normalised) "
+                          f"or parallel.zero_stage=0")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0-3")
     try:

@@ -307,10 +307,19 @@ def build_engine(cfg, model, dims, device, load_universal: bool = False):
 
     o = cfg.optim
     bf16 = use_bf16(cfg.parallel.precision, device.type == "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                  fused=device.type == "cuda")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
-    ds_config = deepspeed_config(cfg.parallel, cfg.data.rows, o.grad_accum, dims.dp, o.grad_clip, bf16)
+    if o.name == "muon":
+        # DeepSpeed's Muon (Jordan et al. 2024): orthogonalised momentum on the blocks' matrices, AdamW on
+        # embeddings, biases and norms. DeepSpeed builds it from its config so that ZeRO-3 can gather each
+        # matrix's whole gradient for the Newton-Schulz step; a client Muon would see flat partitions.
+        optimizer, section = None, {"type": "Muon", "params": {
+            "lr": o.lr, "adam_lr": o.lr, "muon_lr": o.muon_lr, "momentum": o.momentum, "betas": list(o.betas),
+            "weight_decay": o.weight_decay}}
+        schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o))  # noqa: E731  (DeepSpeed calls it)
+    else:
+        optimizer, section = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                               weight_decay=o.weight_decay, fused=device.type == "cuda"), None
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
+    ds_config = deepspeed_config(cfg.parallel, cfg.data.rows, o.grad_accum, dims.dp, o.grad_clip, bf16, section)
     ds_config["checkpoint"]["load_universal"] = load_universal
     from .parallel import SequenceParallelMPU
 

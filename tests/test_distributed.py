@@ -33,6 +33,10 @@ def runs(dataset, tmp_path_factory):
         "single_ga1": drive(tmp, "single_ga1", 1, "optim.steps=3", "optim.grad_accum=1", shards=shards),
         "sp2": drive(tmp, "sp2", 2, "optim.steps=3", "optim.grad_accum=1", "parallel.sp=2", shards=shards),
         "dp2sp2": drive(tmp, "dp2sp2", 4, "optim.steps=5", "optim.grad_accum=1", "parallel.sp=2", shards=shards),
+        "muon_stage0_ga2": drive(tmp, "muon_stage0_ga2", 1, "optim.steps=5", "optim.grad_accum=2",
+                                 "parallel.zero_stage=0", "optim.name=muon", "optim.grad_clip=0", shards=shards),
+        "muon_dp2": drive(tmp, "muon_dp2", 2, "optim.steps=5", "optim.grad_accum=1", "optim.name=muon",
+                          "optim.grad_clip=0", shards=shards),
     }
 
 
@@ -52,6 +56,17 @@ def test_zero_stage0_matches_zero3_and_reports_the_grad_norm(runs):
     assert_close(b["grad_norm"], a["grad_norm"])
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
+
+
+def test_muon_under_zero3_dp2_matches_one_process(runs):
+    # ZeRO-3 must orthogonalise each matrix's whole gradient (gathered), not each rank's flat partition.
+    # Unclipped: with optim.grad_clip DeepSpeed clips the orthogonalised update (preflight refuses that).
+    a, b, adamw = runs["muon_stage0_ga2"], runs["muon_dp2"], runs["single_ga2"]
+    assert_close(b["loss"], a["loss"])
+    for name in a["params"]:
+        assert_close(b["params"][name], a["params"][name], atol=1e-6)
+    hidden = "blocks.0.mlp.fc1.weight"
+    assert np.abs(np.subtract(a["params"][hidden], adamw["params"][hidden])).max() > 1e-3  # Muon did the step
 
 
 def test_sequence_parallel_sp2_matches_sp1(runs):

@@ -12,9 +12,10 @@ from sora_train.diffusion import DDPM, DDPMConfig, FlowConfig, RectifiedFlow, ma
 from sora_train.models import DiT, DiTArgs
 from sora_train.models.attention import FlexAttention, build_attention
 from sora_train.models.flops import forward_flops
+from sora_train.models.layers import FractionalPositions
 
 ARGS = DiTArgs(in_channels=8, patch_size=(1, 2, 2), dim=48, depth=2, heads=4, text_dim=16, max_segments=8,
-               frac_pos=True)
+               frac_pos=True, frac_pos_joint=True)
 
 
 def make_items(n=3, seed=0):
@@ -79,6 +80,25 @@ def test_fractional_positions_use_each_samples_own_extent():
     first = batch.seg[0] == 1
     torch.testing.assert_close(moved[0, first], base[0, first])
     assert (moved[0, batch.seg[0] == 2] - base[0, batch.seg[0] == 2]).abs().max() > 1e-3
+
+
+def test_joint_position_waves_let_a_linear_map_follow_a_moving_object():
+    # An object crossing the frame: present where |w - (0.25 + 0.5 t)| < 0.15, in fractions of the clip.
+    t, h, w = torch.meshgrid(torch.arange(8), torch.arange(4), torch.arange(16), indexing="ij")
+    pos = torch.stack([t, h, w], -1).reshape(1, -1, 3)
+    extent = torch.tensor([8, 4, 16]).expand_as(pos)
+    frac = (pos + 0.5) / extent
+    target = ((frac[0, :, 2] - (0.25 + 0.5 * frac[0, :, 0])).abs() < 0.15).float()
+
+    def residual(joint: bool) -> float:
+        feats = FractionalPositions(8, joint).features(pos, extent)[0]
+        x = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
+        fit = torch.linalg.lstsq(x, target.double()[:, None]).solution
+        return float(((x @ fit)[:, 0] - target).pow(2).mean() / target.var())
+
+    per_axis, joint = residual(False), residual(True)
+    assert per_axis > 0.5  # per-axis waves sum to f(t) + g(w): most of the band is out of a linear map's reach
+    assert joint < 0.5 * per_axis, (per_axis, joint)
 
 
 def test_attention_backends_agree_with_naive():

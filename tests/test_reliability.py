@@ -149,6 +149,8 @@ def compose(*overrides):
     (["checkpoint.min_free_gb=1e12"], r"checkpoint.dir=.*GB free"),
     (["model.dim=100", "model.heads=6"], r"model.dim=100 is not divisible by model.heads=6"),
     (["diffusion.kind=edm"], r"diffusion.kind='edm'"),
+    (["optim.name=sgd"], r"optim.name='sgd': use adamw or muon"),
+    (["optim.name=muon", "parallel.zero_stage=3", "optim.grad_clip=1"], r"clip Muon's orthogonalised update"),
 ])
 def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):
     from sora_train.preflight import ConfigError, preflight

@@ -29,6 +29,7 @@ class DiTArgs:
     pooled_text: bool = True  # add the mean text state to the adaLN conditioning (global signal, SD3-style)
     qk_norm: bool = True
     frac_pos: bool = False  # add NaViT fractional position embeddings (absolute place within the clip)
+    frac_pos_joint: bool = False  # also waves across axes (t+w, h-t, ...)
     rope_theta: float = 10000.0
     attention: str = "sdpa"  # sdpa | flex | varlen | naive
     max_segments: int = 64  # samples per packed row (varlen backend)
@@ -103,7 +104,7 @@ class DiT(nn.Module):
                                                      nn.Linear(args.dim, args.dim))
         self.rope = RoPE3D(args.dim // args.heads, args.rope_theta)
         if args.frac_pos:
-            self.pos_embedder = FractionalPositions(args.dim)
+            self.pos_embedder = FractionalPositions(args.dim, args.frac_pos_joint)
         self.blocks = nn.ModuleList(DiTBlock(args) for _ in range(args.depth))
         self.final_layer = FinalLayer(args)
         # Swappable from outside: Ulysses wraps `attention`; cross-attention always stays local.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -32,21 +33,40 @@ class FractionalPositions(nn.Module):
     """NaViT's factorised fractional position embedding (Dehghani et al. 2023): each token's place
     as a fraction of its own sample's extent per axis (t, h, w), as Fourier features -> Linear.
     RoPE alone is relative; this tells a token where it is in *its* clip (left edge, last frame)
-    whatever the clip's resolution or duration."""
+    whatever the clip's resolution or duration.
 
-    FEATURES = 3 * 2 * 8  # axes x (sin, cos) x frequencies
+    joint=True adds waves across axes, cos(pi (a t + b h + c w)) for integer a, b, c in [-2, 2] with at
+    least two non-zero (56 waves). A moving object is a band along a space-time diagonal; per-axis
+    waves can only express it as products that the blocks must first learn, joint waves put it within
+    reach of the first linear layer (tests/test_model.py). On the quickstart this turned 700 steps
+    without prompted motion into motion (docs/evaluation.md)."""
 
-    def __init__(self, dim: int):
+    FREQS = 8  # per axis: k * pi, k = 1..8
+
+    def __init__(self, dim: int, joint: bool = False):
         super().__init__()
-        freqs = self.FEATURES // 6
-        self.register_buffer("k", torch.arange(1, freqs + 1, dtype=torch.float32) * math.pi, persistent=False)
-        self.proj = nn.Linear(self.FEATURES, dim)
+        self.register_buffer("waves", self.wave_vectors(joint), persistent=False)  # [F,3]
+        self.proj = nn.Linear(2 * len(self.waves), dim)
+
+    @classmethod
+    def wave_vectors(cls, joint: bool) -> torch.Tensor:
+        """[F,3] wave vectors over (t, h, w) fractions: 3 x FREQS along the axes, then 56 joint ones."""
+        k = torch.arange(1, cls.FREQS + 1, dtype=torch.float32) * math.pi
+        waves = [torch.eye(3).repeat_interleave(cls.FREQS, 0) * k.repeat(3)[:, None]]
+        if joint:  # one of each +-v pair (v and -v give the same sin/cos up to sign)
+            lattice = [v for v in itertools.product(range(-2, 3), repeat=3)
+                       if sum(x != 0 for x in v) >= 2 and v > tuple(-x for x in v)]
+            waves.append(torch.tensor(lattice, dtype=torch.float32) * math.pi)
+        return torch.cat(waves)
+
+    def features(self, pos: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+        """pos, extent [B,S,3] (extent = the sample's grid) -> [B,S,2F] sin and cos of each wave."""
+        frac = (pos.float() + 0.5) / extent.float().clamp(min=1.0)  # in (0, 1): half-periods never wrap
+        a = frac @ self.waves.T  # [B,S,F]
+        return torch.cat([a.sin(), a.cos()], -1)
 
     def forward(self, pos: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
-        """pos, extent [B,S,3] (extent = the sample's grid) -> [B,S,dim]."""
-        frac = (pos.float() + 0.5) / extent.float().clamp(min=1.0)  # in (0, 1): half-periods never wrap
-        a = (frac[..., None] * self.k).flatten(-2)  # [B,S,3*freqs]
-        return self.proj(torch.cat([a.sin(), a.cos()], -1).to(self.proj.weight.dtype))
+        return self.proj(self.features(pos, extent).to(self.proj.weight.dtype))  # [B,S,dim]
 
 
 class RoPE3D(nn.Module):

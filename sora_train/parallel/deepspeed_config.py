@@ -27,7 +27,9 @@ def use_bf16(precision: str, cuda: bool) -> bool:
 
 
 def deepspeed_config(p: ParallelConfig, micro_rows: int, grad_accum: int, dp: int, grad_clip: float,
-                     bf16: bool) -> dict:
+                     bf16: bool, optimizer: dict | None = None) -> dict:
+    """optimizer: a DeepSpeed "optimizer" section (DeepSpeed builds it), or None for a client optimizer."""
+    muon = optimizer is not None and optimizer["type"] == "Muon"
     zero = {"stage": p.zero_stage, "overlap_comm": p.overlap_comm, "contiguous_gradients": p.contiguous_gradients,
             "reduce_bucket_size": p.reduce_bucket_size, "allgather_bucket_size": p.allgather_bucket_size}
     if p.zero_stage == 3:
@@ -35,7 +37,9 @@ def deepspeed_config(p: ParallelConfig, micro_rows: int, grad_accum: int, dp: in
                     stage3_param_persistence_threshold=p.stage3_param_persistence_threshold,
                     # reduce_scatter averages gradients over SP ranks as well (measured: half the SP=1
                     # norm); the all-reduce path sums over SP and divides by dp, which is what we need.
-                    reduce_scatter=p.sp == 1)
+                    # Muon orthogonalises whole gradient matrices, which DeepSpeed refuses to do after a
+                    # reduce-scatter; its all-reduce path is the one it supports.
+                    reduce_scatter=p.sp == 1 and not muon)
     return {
         "train_micro_batch_size_per_gpu": micro_rows,
         "gradient_accumulation_steps": grad_accum,
@@ -46,4 +50,5 @@ def deepspeed_config(p: ParallelConfig, micro_rows: int, grad_accum: int, dp: in
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Warn"},
+        **({"optimizer": optimizer} if optimizer else {}),
     }
