@@ -206,10 +206,14 @@ def test_resume_with_another_model_or_zero_stage_is_refused_naming_the_keys(data
     meta = {"config": saved}
     refuse_incompatible_resume(compose(data, "model.frac_pos=false", "optim.lr=1e-4", "parallel.sp=2",
                                        "data.seq_len=2048"), meta, tmp_path)
-    cfg = compose(data, "model.depth=4", "model.frac_pos=true", "parallel.zero_stage=3")
     with pytest.raises(ConfigError, match=r"model.depth: 6 -> 4; model.frac_pos: False -> True; "
-                                          r"parallel.zero_stage: 0 -> 3"):
-        refuse_incompatible_resume(cfg, meta, tmp_path)
+                                          r"optim.name: muon -> adamw; parallel.zero_stage: 0 -> 3"):
+        refuse_incompatible_resume(compose(data, "model.depth=4", "model.frac_pos=true", "parallel.zero_stage=3",
+                                           "optim.name=adamw"), meta, tmp_path)
+    # Muon's momentum cannot move to another world size (DeepSpeed's universal checkpoint lacks it).
+    refuse_incompatible_resume(compose(data, "model.frac_pos=false"), {**meta, "world_size": 2}, tmp_path, world=2)
+    with pytest.raises(ConfigError, match=r"saved on 2 with optim.name=muon.*resume on 2 ranks"):
+        refuse_incompatible_resume(compose(data, "model.frac_pos=false"), {**meta, "world_size": 2}, tmp_path, world=4)
 
 
 def test_checkpoint_model_config_from_a_newer_version_is_refused_by_key():
