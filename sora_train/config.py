@@ -56,7 +56,8 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     # adamw | muon (DeepSpeed's Muon on hidden matrices, AdamW on the rest). Under ZeRO stages 1-3 Muon needs
-    # grad_clip=0 (DeepSpeed clips the orthogonalised update), and the logged grad_norm is that update's norm.
+    # grad_clip=0 (DeepSpeed clips the orthogonalised update), and the logged grad_norm is then DeepSpeed's,
+    # the update's norm (measured at stage 3); at stage 0 it is the gradient's.
     name: str = "adamw"
     lr: float = 3e-4
     muon_lr: float = 0.02  # Muon's step on hidden matrices (its update is orthogonalised, so its scale differs)
