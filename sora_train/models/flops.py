@@ -35,7 +35,7 @@ def forward_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None) 
     blocks = a.depth * (per_token * N + per_sample * samples + attn + blocks_text)
     embed = 2 * P * D * N + 2 * D * P * N + samples * (2 * a.freq_dim * D + 2 * D * D + 2 * D * 2 * D)
     if a.frac_pos:  # FractionalPositions: fractions x wave vectors -> sin, cos -> D per token
-        waves = len(FractionalPositions.wave_vectors(a.frac_pos_joint))
+        waves = FractionalPositions.num_waves(a.frac_pos_joint)
         embed += (2 * 3 * waves + 2 * 2 * waves * D) * N
     if a.cross_attention:
         embed += total_text * (2 * a.text_dim * D + 2 * D * D)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -58,6 +59,12 @@ class FractionalPositions(nn.Module):
                        if sum(x != 0 for x in v) >= 2 and v > tuple(-x for x in v)]
             waves.append(torch.tensor(lattice, dtype=torch.float32) * math.pi)
         return torch.cat(waves)
+
+    @classmethod
+    @functools.cache
+    def num_waves(cls, joint: bool) -> int:
+        """len(wave_vectors(joint)), for the FLOP count of every micro-batch without rebuilding them."""
+        return len(cls.wave_vectors(joint))
 
     def features(self, pos: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
         """pos, extent [B,S,3] (extent = the sample's grid) -> [B,S,2F] sin and cos of each wave."""
