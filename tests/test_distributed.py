@@ -11,10 +11,13 @@ from distributed import ROOT, step_losses, tiny_model, torchrun
 DRIVER = str(ROOT / "tests" / "dist" / "driver.py")
 
 
-def drive(tmp_path, name, nproc, *overrides, shards):
-    out = tmp_path / f"{name}.json"
-    torchrun(nproc, [DRIVER, str(out), *tiny_model(shards, tmp_path / name, **dict(o.split("=", 1) for o in overrides))])
-    return json.loads(out.read_text())
+def drive(tmp_path, nproc, shards, **runs):
+    """Runs each named list of overrides on nproc processes, all in one launch; returns name -> record."""
+    spec = {str(tmp_path / f"{name}.json"): tiny_model(shards, tmp_path / name, **dict(o.split("=", 1) for o in ovr))
+            for name, ovr in runs.items()}
+    (tmp_path / f"runs{nproc}.json").write_text(json.dumps(spec))
+    torchrun(nproc, [DRIVER, str(tmp_path / f"runs{nproc}.json")])
+    return {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-7):
@@ -25,18 +28,14 @@ def assert_close(a, b, rtol=1e-5, atol=1e-7):
 def runs(dataset, tmp_path_factory):
     """One process accumulating the global batch (ZeRO-3, and the quickstart's stage 0) vs ZeRO-3 DP=2, SP=2, and DP=2 x SP=2."""
     tmp, shards = tmp_path_factory.mktemp("dist"), dataset / "shards"
+    five, three, muon = ["optim.steps=5"], ["optim.steps=3", "optim.grad_accum=1"], ["optim.name=muon", "optim.grad_clip=0"]
     return {
-        "single_ga2": drive(tmp, "single_ga2", 1, "optim.steps=5", "optim.grad_accum=2", shards=shards),
-        "dp2": drive(tmp, "dp2", 2, "optim.steps=5", "optim.grad_accum=1", shards=shards),
-        "stage0_ga2": drive(tmp, "stage0_ga2", 1, "optim.steps=5", "optim.grad_accum=2", "parallel.zero_stage=0",
-                            shards=shards),
-        "single_ga1": drive(tmp, "single_ga1", 1, "optim.steps=3", "optim.grad_accum=1", shards=shards),
-        "sp2": drive(tmp, "sp2", 2, "optim.steps=3", "optim.grad_accum=1", "parallel.sp=2", shards=shards),
-        "dp2sp2": drive(tmp, "dp2sp2", 4, "optim.steps=5", "optim.grad_accum=1", "parallel.sp=2", shards=shards),
-        "muon_stage0_ga2": drive(tmp, "muon_stage0_ga2", 1, "optim.steps=5", "optim.grad_accum=2",
-                                 "parallel.zero_stage=0", "optim.name=muon", "optim.grad_clip=0", shards=shards),
-        "muon_dp2": drive(tmp, "muon_dp2", 2, "optim.steps=5", "optim.grad_accum=1", "optim.name=muon",
-                          "optim.grad_clip=0", shards=shards),
+        **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
+                stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
+                muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
+        **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1"], muon_dp2=[*five, "optim.grad_accum=1", *muon],
+                sp2=[*three, "parallel.sp=2"]),
+        **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"]),
     }
 
 
