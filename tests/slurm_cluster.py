@@ -12,11 +12,13 @@ from pathlib import Path
 
 from distributed import free_port
 
+# cred_expire is also how long SLURM holds a requeued job (120 s by default); sched_interval (60 s) and
+# bf_interval (30 s) are how often pending jobs are looked at. Short here so that tests do not sit idle.
 CONF = """ClusterName=soratest
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
-AuthInfo=socket={d}/run/munge.socket
+AuthInfo=socket={d}/run/munge.socket,cred_expire=10
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -31,6 +33,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
