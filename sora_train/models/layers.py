@@ -51,16 +51,13 @@ class FractionalPositions(nn.Module):
 
     @classmethod
     def wave_vectors(cls, joint: bool) -> torch.Tensor:
-        """[F,3] wave vectors over (t, h, w) fractions: 3 x FREQS along the axes, then 56 joint ones.
-        Built on the CPU whatever the default device: under count_params' meta device, arange would go
-        through torch's reference decompositions, which import inductor (~3 s of every launch, measured)."""
-        cpu = torch.device("cpu")
-        k = torch.arange(1, cls.FREQS + 1, dtype=torch.float32, device=cpu) * math.pi
-        waves = [torch.eye(3, device=cpu).repeat_interleave(cls.FREQS, 0) * k.repeat(3)[:, None]]
+        """[F,3] wave vectors over (t, h, w) fractions: 3 x FREQS along the axes, then 56 joint ones."""
+        k = torch.arange(1, cls.FREQS + 1, dtype=torch.float32) * math.pi
+        waves = [torch.eye(3).repeat_interleave(cls.FREQS, 0) * k.repeat(3)[:, None]]
         if joint:  # one of each +-v pair (v and -v give the same sin/cos up to sign)
             lattice = [v for v in itertools.product(range(-2, 3), repeat=3)
                        if sum(x != 0 for x in v) >= 2 and v > tuple(-x for x in v)]
-            waves.append(torch.tensor(lattice, dtype=torch.float32, device=cpu) * math.pi)
+            waves.append(torch.tensor(lattice, dtype=torch.float32) * math.pi)
         return torch.cat(waves)
 
     @classmethod
