@@ -22,7 +22,7 @@ class ModelConfig:
     in_channels: int = 48
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
     dim: int = 192
-    depth: int = 6
+    depth: int = 5
     heads: int = 6
     mlp_ratio: float = 4.0
     text_dim: int = 384
