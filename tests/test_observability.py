@@ -36,7 +36,11 @@ def wandb_records(path):
 def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run(dataset, tmp_path):
     base = {"logging.wandb.mode": "offline", "checkpoint.every": 2, "data.seq_len": 512,
             "data.val": str(dataset / "shards"), "logging.val_every": 3, "logging.val_batches": 1}
-    torchrun(1, [ "-m", "sora_train.train", *tiny_model(dataset / "shards", tmp_path, **base, **{"optim.steps": 4})])
+    # A fresh extensions dir: one process must not JIT-build DeepSpeed's shared-memory all-reduce (45 s).
+    ext = tmp_path / "torch_extensions"
+    torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", tmp_path, **base, **{"optim.steps": 4})],
+             extra_env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    assert not list(ext.rglob("*.so")), list(ext.rglob("*.so"))
     torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", tmp_path, **base, **{"optim.steps": 6})])
     runs = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 2 and runs[0].name == runs[1].name  # the resumed job continued the same run id
