@@ -204,7 +204,7 @@ def test_resume_with_another_model_or_zero_stage_is_refused_naming_the_keys(data
     meta = {"config": saved}
     refuse_incompatible_resume(compose(data, "model.frac_pos=false", "optim.lr=1e-4", "parallel.sp=2",
                                        "data.seq_len=2048"), meta, tmp_path)
-    with pytest.raises(ConfigError, match=r"model.depth: 6 -> 4; model.frac_pos: False -> True; "
+    with pytest.raises(ConfigError, match=r"model.depth: 5 -> 4; model.frac_pos: False -> True; "
                                           r"optim.name: muon -> adamw; parallel.zero_stage: 0 -> 3"):
         refuse_incompatible_resume(compose(data, "model.depth=4", "model.frac_pos=true", "parallel.zero_stage=3",
                                            "optim.name=adamw"), meta, tmp_path)
@@ -217,6 +217,6 @@ def test_resume_with_another_model_or_zero_stage_is_refused_naming_the_keys(data
 def test_checkpoint_model_config_from_a_newer_version_is_refused_by_key():
     from sora_train.config import saved_model_config
 
-    assert saved_model_config({"dim": 64}).depth == 6  # keys added since: today's defaults
+    assert saved_model_config({"dim": 64}).depth == 5  # keys added since: today's defaults
     with pytest.raises(ValueError, match=r"model\.text_pool"):
         saved_model_config({"dim": 64, "text_pool": "attention"})
