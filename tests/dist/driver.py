@@ -2,7 +2,8 @@
 
 usage: torchrun --nproc_per_node N tests/dist/driver.py RUNS_JSON
 RUNS_JSON maps an output file to the Hydra overrides of one run; the runs go one after another in the
-same processes (a launch costs ~10 s of imports per process on 2 cores, a tiny run ~1 s). Global micro-batch g of step s is batch[s * n_micro + g] of one shared list; rank r takes the
+same processes (a launch costs ~10 s of imports per process on 2 cores, a tiny run ~1 s).
+Global micro-batch g of step s is batch[s * n_micro + g] of one shared list; rank r takes the
 micro-batches g = dp_rank * grad_accum + m. Writes per-step losses and grad norms, the full
 gradients after step 1 (tests compare them across layouts), and final parameters.
 """
