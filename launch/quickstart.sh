@@ -21,7 +21,7 @@ encode() {  # captions dir, shards dir, workers
 }
 # The small validation split encodes beside the training split: its ~10 s are mostly start-up (imports, MiniLM).
 encode val_raw val_shards 1 & val=$!
-encode raw shards 2
+encode raw shards 2 || { kill $val 2>/dev/null; exit 1; }  # leave no encoder running behind a failure
 wait $val
 python -m sora_train.train out_dir=$RUN data.train=$DATA/shards data.val=$DATA/val_shards "$@"
 python -m sora_train.sample checkpoint=$RUN/checkpoints out_dir=$RUN/videos frames=8 height=32 width=32 \

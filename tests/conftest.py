@@ -26,14 +26,10 @@ def dataset(tmp_path_factory):
     return root
 
 
-# The run that resumed and restarted runs must reach exactly: ZeRO-3 DP=2 with EMA, checkpoints every 5 steps.
-RESUMABLE = {"checkpoint.every": 5, "ema.enabled": True, "data.seq_len": 512}
-
-
 @pytest.fixture(scope="session")
 def straight_run(dataset, tmp_path_factory):
     """10 steps of RESUMABLE without interruption; returns its out_dir."""
-    from distributed import tiny_model, torchrun
+    from distributed import RESUMABLE, tiny_model, torchrun
 
     out = tmp_path_factory.mktemp("straight") / "run"
     torchrun(2, ["-m", "sora_train.train", *tiny_model(dataset / "shards", out, **RESUMABLE, **{"optim.steps": 10})])

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The run that resumed and restarted runs must reach exactly (conftest.py's straight_run): ZeRO-3 DP=2 with
+# EMA, checkpoints every 5 steps.
+RESUMABLE = {"checkpoint.every": 5, "ema.enabled": True, "data.seq_len": 512}
 
 
 def free_port() -> int:

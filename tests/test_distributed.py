@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RESUMABLE
-from distributed import ROOT, step_losses, tiny_model, torchrun
+from distributed import RESUMABLE, ROOT, step_losses, tiny_model, torchrun
 
 DRIVER = str(ROOT / "tests" / "dist" / "driver.py")
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RESUMABLE
-from distributed import ROOT, env, free_port, step_losses, tiny_model, torchrun
+from distributed import RESUMABLE, ROOT, env, free_port, step_losses, tiny_model, torchrun
 
 TRAIN = ["-m", "sora_train.train"]
 
