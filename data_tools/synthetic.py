@@ -97,7 +97,8 @@ def render(spec: ClipSpec) -> np.ndarray:
 
 
 def random_spec(rng: random.Random, min_size=32, max_size=128, min_frames=4, max_frames=64,
-                max_aspect: float = 2.0, travel: float = 0.45, heldout: bool = False) -> ClipSpec:
+                max_aspect: float = 2.0, travel: float = 0.45, radius: tuple[float, float] = (0.16, 0.24),
+                heldout: bool = False) -> ClipSpec:
     pairs = [(c, s) for c, s in itertools.product(COLOURS, SHAPES) if ((c, s) in HELDOUT_PAIRS) == heldout]
     colour, shape = rng.choice(pairs)
     motion = rng.choice(MOTIONS)
@@ -112,7 +113,7 @@ def random_spec(rng: random.Random, min_size=32, max_size=128, min_frames=4, max
     start = {"left": (a, 0.5), "right": (b, 0.5), "up": (0.5, a), "down": (0.5, b)}.get(motion, (0.5, 0.5))
     return ClipSpec(colour, shape, motion, background, height, width,
                     frames=rng.randint(min_frames, max_frames), fps=rng.choice((8, 12, 16, 24)),
-                    size=rng.uniform(0.16, 0.24), start=start, travel=travel)
+                    size=rng.uniform(*radius), start=start, travel=travel)
 
 
 def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool = False, **ranges) -> Path:
@@ -141,10 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-frames", type=int, default=64)
     p.add_argument("--max-aspect", type=float, default=2.0, help="widest width:height (and height:width); 1 = square")
     p.add_argument("--travel", type=float, default=0.45, help="fraction of the frame a moving shape crosses")
+    p.add_argument("--radius", type=float, nargs=2, default=(0.16, 0.24), metavar=("MIN", "MAX"),
+                   help="shape radius range, as a fraction of the frame's shorter side")
     p.add_argument("--heldout", action="store_true", help="generate only the held-out (colour, shape) pairs")
     a = p.parse_args(argv)
     path = generate(a.out, a.num_clips, a.seed, a.heldout, min_size=a.min_size, max_size=a.max_size,
-                    min_frames=a.min_frames, max_frames=a.max_frames, max_aspect=a.max_aspect, travel=a.travel)
+                    min_frames=a.min_frames, max_frames=a.max_frames, max_aspect=a.max_aspect, travel=a.travel,
+                    radius=tuple(a.radius))
     print(f"wrote {a.num_clips} clips and {path}")
 
 

@@ -233,3 +233,19 @@ def test_merging_resumed_positions_keeps_one_view_per_shard(dataset):
     _take(partial, 1)  # leaves shards in progress
     with pytest.raises(RuntimeError, match="consumed by two ranks"):
         StreamPosition.merge([partial.position, partial.position], base=partial.start)
+
+
+def test_synthetic_radius_range_sets_the_drawn_shape_size(tmp_path):
+    from data_tools.synthetic import main
+
+    areas = {}
+    for lo, hi in [(0.16, 0.16), (0.3, 0.3)]:
+        out = tmp_path / f"r{lo}"
+        main(["--out", str(out), "--num-clips", "3", "--min-size", "48", "--max-size", "48", "--max-aspect", "1",
+              "--min-frames", "4", "--max-frames", "4", "--radius", str(lo), str(hi)])
+        rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+        assert [r["attributes"]["size"] for r in rows] == [lo] * 3
+        frames, _ = read_video(out / rows[0]["path"])  # [T,H,W,3]
+        background = np.median(frames[:, 0].reshape(-1, 3), 0)
+        areas[lo] = (np.abs(frames[1].astype(float) - background).sum(-1) > 60).mean()
+    assert 2.5 < areas[0.3] / areas[0.16] < 4.5  # area ~ radius^2: (0.3 / 0.16)^2 = 3.5
