@@ -19,9 +19,11 @@ encode() {  # captions dir, shards dir, workers
   python -m data_tools.encode --captions $DATA/$1/captions.jsonl --out $DATA/$2 --max-pixels 1600 --max-frames 8 \
     --min-frames 8 --span --clips-per-shard 60 --workers $3 --no-progress
 }
-# The small validation split encodes beside the training split: its ~10 s are mostly start-up (imports, MiniLM).
+# The two splits encode side by side, one process each: 480 clips are ~10 s of work on 2 cores, and every
+# extra worker process first spends seconds importing torch and loading MiniLM (2 workers for the training
+# split took 25-29 s in all, 1 worker 19-23 s: docs/performance.md).
 encode val_raw val_shards 1 & val=$!
-encode raw shards 2 || { kill $val 2>/dev/null; exit 1; }  # leave no encoder running behind a failure
+encode raw shards 1 || { kill $val 2>/dev/null; exit 1; }  # leave no encoder running behind a failure
 wait $val
 python -m sora_train.train out_dir=$RUN data.train=$DATA/shards data.val=$DATA/val_shards "$@"
 python -m sora_train.sample checkpoint=$RUN/checkpoints out_dir=$RUN/videos frames=8 height=32 width=32 \

@@ -25,9 +25,27 @@ def consolidated_ema(step_dir: Path) -> dict[str, torch.Tensor]:
             for n, p in layout["params"].items()}
 
 
-def export(step_dir: str | Path, out_dir: str | Path) -> Path:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def fp32_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The model's fp32 weights. ZeRO 1-3 keep the fp32 masters partitioned in the optimizer files, which
+    DeepSpeed's own reconstruction merges. Stage 0 (the CPU quickstart) writes no optimizer partitions, and
+    that reconstruction fails on it (param_shapes is None): there the module state is the fp32 model."""
+    if any(step_dir.glob("*zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{step_dir}: expected one mp_rank_*_model_states.pt without ZeRO partitions, "
+                                f"found {[f.name for f in files]}")
+    state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    bad = {n: t.dtype for n, t in state.items() if t.dtype != torch.float32}
+    if bad:  # stage 0 with bf16 would hold rounded weights here; export must not pass them off as masters
+        raise ValueError(f"{files[0]}: module weights are not fp32 ({dict(list(bad.items())[:3])}), so they are "
+                         f"not the master weights; export a ZeRO 1-3 checkpoint or one trained in fp32")
+    return dict(state)
+
+
+def export(step_dir: str | Path, out_dir: str | Path) -> Path:
     step_dir, out = Path(step_dir), Path(out_dir)
     if not is_complete(step_dir):
         latest = find_latest(step_dir)
@@ -35,7 +53,7 @@ def export(step_dir: str | Path, out_dir: str | Path) -> Path:
             raise FileNotFoundError(f"{step_dir} is neither a complete checkpoint nor a directory holding one")
         step_dir = latest
     out.mkdir(parents=True, exist_ok=True)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    state = fp32_weights(step_dir)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     if (step_dir / "ema" / "layout.json").exists():
         save_file(consolidated_ema(step_dir), str(out / "ema.safetensors"))

@@ -34,15 +34,11 @@ def load_for_sampling(path: str | Path, use_ema: bool = True) -> tuple[DiT, dict
         step_dir = path if is_complete(path) else find_latest(path)
         if step_dir is None:
             raise FileNotFoundError(f"{path}: no export and no complete checkpoint found")
-        from .export import consolidated_ema
+        from .export import consolidated_ema, fp32_weights
 
         meta = json.loads((step_dir / "meta.json").read_text())
-        if use_ema and (step_dir / "ema" / "layout.json").exists():
-            state = consolidated_ema(step_dir)
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+        use_ema = use_ema and (step_dir / "ema" / "layout.json").exists()
+        state = consolidated_ema(step_dir) if use_ema else fp32_weights(step_dir)
     model = DiT(dit_args(saved_model_config(meta["config"]["model"])))
     model.load_state_dict(state, strict=True)
     return model.eval(), meta

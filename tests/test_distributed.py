@@ -149,6 +149,35 @@ def test_export_loads_into_a_plain_dit_and_samples(resumed):
     assert (tmp / "videos" / "00_a_red_square_moving_left.gif").stat().st_size > 0
 
 
+def test_stage0_checkpoint_exports_and_samples_without_ema(dataset, tmp_path):
+    """The CPU quickstart trains with ZeRO stage 0, whose checkpoints DeepSpeed's fp32 reconstruction
+    cannot read (no optimizer partitions): export and sampling without EMA take the module state."""
+    import subprocess
+    import sys
+
+    from distributed import env
+    from sora_train.export import export
+    from sora_train.sample import load_for_sampling
+
+    out = tmp_path / "run"
+    torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", out, **{
+        "parallel.zero_stage": 0, "optim.steps": 2, "ema.enabled": True})])
+    step = out / "checkpoints" / "step_00000002"
+    saved = torch.load(step / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    for source in (out / "checkpoints", export(out / "checkpoints", tmp_path / "export")):
+        model, _ = load_for_sampling(source, use_ema=False)
+        for name, p in model.state_dict().items():
+            assert torch.equal(p, saved[name]), (source, name)
+        ema_model, _ = load_for_sampling(source, use_ema=True)
+        assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), model.state_dict().values()))
+    r = subprocess.run([sys.executable, "-m", "sora_train.sample", f"checkpoint={out / 'checkpoints'}", "use_ema=false",
+                        f"out_dir={tmp_path / 'videos'}", "frames=4", "height=32", "width=32", "steps=2",
+                        "prompts=[a blue circle moving up]"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "videos" / "00_a_blue_circle_moving_up.mp4").stat().st_size > 0
+
+
 # ---- elastic resume: a different number of processes ------------------------------------------
 
 def trained_ids(out):
