@@ -123,10 +123,6 @@ def test_half_written_checkpoint_is_skipped_and_cleaned(resumed):
 
 
 def test_export_loads_into_a_plain_dit_and_samples(resumed):
-    import subprocess
-    import sys
-
-    from distributed import env
     from sora_train.export import export
     from sora_train.sample import load_for_sampling
 
@@ -141,21 +137,27 @@ def test_export_loads_into_a_plain_dit_and_samples(resumed):
         assert torch.equal(p, ref[name]), name
     ema_model, _ = load_for_sampling(out, use_ema=True)
     assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), model.state_dict().values()))
-    r = subprocess.run([sys.executable, "-m", "sora_train.sample", f"checkpoint={out}", f"out_dir={tmp / 'videos'}",
-                        "frames=4", "height=32", "width=32", "steps=2", "prompts=[a red square moving left]"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    sample_cli(out, tmp / "videos", "a red square moving left")
     assert (tmp / "videos" / "00_a_red_square_moving_left.mp4").stat().st_size > 0
     assert (tmp / "videos" / "00_a_red_square_moving_left.gif").stat().st_size > 0
+
+
+def sample_cli(checkpoint, out_dir, prompt: str, *overrides: str) -> None:
+    """`sora-sample` in a fresh process: 4 frames at 32x32, 2 steps."""
+    import subprocess
+    import sys
+
+    from distributed import env
+
+    r = subprocess.run([sys.executable, "-m", "sora_train.sample", f"checkpoint={checkpoint}", f"out_dir={out_dir}",
+                        "frames=4", "height=32", "width=32", "steps=2", f"prompts=[{prompt}]", *overrides],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_stage0_checkpoint_exports_and_samples_without_ema(dataset, tmp_path):
     """The CPU quickstart trains with ZeRO stage 0, whose checkpoints DeepSpeed's fp32 reconstruction
     cannot read (no optimizer partitions): export and sampling without EMA take the module state."""
-    import subprocess
-    import sys
-
-    from distributed import env
     from sora_train.export import export
     from sora_train.sample import load_for_sampling
 
@@ -170,11 +172,7 @@ def test_stage0_checkpoint_exports_and_samples_without_ema(dataset, tmp_path):
             assert torch.equal(p, saved[name]), (source, name)
         ema_model, _ = load_for_sampling(source, use_ema=True)
         assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), model.state_dict().values()))
-    r = subprocess.run([sys.executable, "-m", "sora_train.sample", f"checkpoint={out / 'checkpoints'}", "use_ema=false",
-                        f"out_dir={tmp_path / 'videos'}", "frames=4", "height=32", "width=32", "steps=2",
-                        "prompts=[a blue circle moving up]"], cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    sample_cli(out / "checkpoints", tmp_path / "videos", "a blue circle moving up", "use_ema=false")
     assert (tmp_path / "videos" / "00_a_blue_circle_moving_up.mp4").stat().st_size > 0
 
 
