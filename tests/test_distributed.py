@@ -155,21 +155,36 @@ def sample_cli(checkpoint, out_dir, prompt: str, *overrides: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_stage0_checkpoint_exports_and_samples_without_ema(dataset, tmp_path):
-    """The CPU quickstart trains with ZeRO stage 0, whose checkpoints DeepSpeed's fp32 reconstruction
-    cannot read (no optimizer partitions): export and sampling without EMA take the module state."""
+def test_stage0_muon_run_resumes_exactly_exports_and_samples_without_ema(dataset, tmp_path):
+    """The CPU quickstart's set-up (ZeRO stage 0, Muon, EMA): a rerun continues exactly where it stopped,
+    and its checkpoints, which DeepSpeed's fp32 reconstruction cannot read (no optimizer partitions),
+    export and sample without EMA from the module state."""
+    import shutil
+
     from sora_train.export import export
     from sora_train.sample import load_for_sampling
 
-    out = tmp_path / "run"
-    torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", out, **{
-        "parallel.zero_stage": 0, "optim.steps": 2, "ema.enabled": True})])
-    step = out / "checkpoints" / "step_00000002"
+    out, again = tmp_path / "run", tmp_path / "rerun"
+    run = lambda d: torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", d, **{  # noqa: E731
+        "parallel.zero_stage": 0, "optim.name": "muon", "optim.grad_clip": 0, "optim.steps": 4,
+        "checkpoint.every": 2, "ema.enabled": True})])
+    run(out)
+    # The rerun finds step 2 as the last checkpoint, as after a stop between steps 2 and 4.
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "step_00000004")
+    (again / "checkpoints" / "latest").write_text("step_00000002")
+    (again / "metrics.jsonl").unlink()
+    run(again)
+    assert sorted(step_losses(again)) == [3, 4]
+    assert all(step_losses(again)[s] == step_losses(out)[s] for s in (3, 4)), (step_losses(out), step_losses(again))
+
+    step = out / "checkpoints" / "step_00000004"
     saved = torch.load(step / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    resumed, _ = load_for_sampling(again / "checkpoints", use_ema=False)
     for source in (out / "checkpoints", export(out / "checkpoints", tmp_path / "export")):
         model, _ = load_for_sampling(source, use_ema=False)
         for name, p in model.state_dict().items():
-            assert torch.equal(p, saved[name]), (source, name)
+            assert torch.equal(p, saved[name]) and torch.equal(p, resumed.state_dict()[name]), (source, name)
         ema_model, _ = load_for_sampling(source, use_ema=True)
         assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), model.state_dict().values()))
     sample_cli(out / "checkpoints", tmp_path / "videos", "a blue circle moving up", "use_ema=false")
