@@ -15,15 +15,15 @@ DATA=data/quickstart RUN=${RUN:-runs/quickstart}
   --min-size 32 --max-size 96 --min-frames 8 --max-frames 48
 [ -f $DATA/val_raw/captions.jsonl ] || python -m data_tools.synthetic --out $DATA/val_raw --num-clips 32 --seed 1 \
   --min-size 32 --max-size 96 --min-frames 8 --max-frames 48
-encode() {  # captions dir, shards dir, workers
+encode() {  # captions dir, shards dir
   python -m data_tools.encode --captions $DATA/$1/captions.jsonl --out $DATA/$2 --max-pixels 1600 --max-frames 8 \
-    --min-frames 8 --span --clips-per-shard 60 --workers $3 --no-progress
+    --min-frames 8 --span --clips-per-shard 60 --workers 1 --no-progress
 }
 # The two splits encode side by side, one process each: 480 clips are ~10 s of work on 2 cores, and every
 # extra worker process first spends seconds importing torch and loading MiniLM (2 workers for the training
 # split took 25-29 s in all, 1 worker 19-23 s: docs/performance.md).
-encode val_raw val_shards 1 & val=$!
-encode raw shards 1 || { kill $val 2>/dev/null; exit 1; }  # leave no encoder running behind a failure
+encode val_raw val_shards & val=$!
+encode raw shards || { kill $val 2>/dev/null; exit 1; }  # leave no encoder running behind a failure
 wait $val
 python -m sora_train.train out_dir=$RUN data.train=$DATA/shards data.val=$DATA/val_shards "$@"
 python -m sora_train.sample checkpoint=$RUN/checkpoints out_dir=$RUN/videos frames=8 height=32 width=32 \

@@ -164,10 +164,12 @@ def test_stage0_muon_run_resumes_exactly_exports_and_samples_without_ema(dataset
     from sora_train.export import export
     from sora_train.sample import load_for_sampling
 
+    def run(out_dir):
+        torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", out_dir, **{
+            "parallel.zero_stage": 0, "optim.name": "muon", "optim.grad_clip": 0, "optim.steps": 4,
+            "checkpoint.every": 2, "ema.enabled": True})])
+
     out, again = tmp_path / "run", tmp_path / "rerun"
-    run = lambda d: torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", d, **{  # noqa: E731
-        "parallel.zero_stage": 0, "optim.name": "muon", "optim.grad_clip": 0, "optim.steps": 4,
-        "checkpoint.every": 2, "ema.enabled": True})])
     run(out)
     # The rerun finds step 2 as the last checkpoint, as after a stop between steps 2 and 4.
     shutil.copytree(out, again)
