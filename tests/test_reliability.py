@@ -161,6 +161,22 @@ def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, messa
         os.environ.pop("WORLD_SIZE")
 
 
+def test_the_readmes_quickstart_overrides_compose_and_pass_preflight(dataset, tmp_path):
+    """The README's quickstart commands with training overrides: a renamed or mistyped key fails here."""
+    from omegaconf import OmegaConf
+
+    from sora_train.preflight import preflight
+
+    commands = re.findall(r"bash launch/quickstart\.sh ([^`\n]+)", (ROOT / "README.md").read_text())
+    with_overrides = [o for o in (c.split("#")[0].split() for c in commands) if o]
+    assert with_overrides, "the README gives no quickstart command with overrides"
+    for overrides in with_overrides:
+        cfg = compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}", *overrides)
+        preflight(cfg)
+        for key, value in (o.split("=", 1) for o in overrides):
+            assert str(OmegaConf.select(cfg, key)) == value, (key, value)
+
+
 def test_sp_must_divide_the_world_size(dataset, tmp_path):
     from sora_train.preflight import ConfigError, preflight
 
