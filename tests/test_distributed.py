@@ -164,10 +164,10 @@ def test_stage0_muon_run_resumes_exactly_exports_and_samples_without_ema(dataset
     from sora_train.export import export
     from sora_train.sample import load_for_sampling
 
-    def run(out_dir):
+    def run(out_dir):  # Muon's update compiled, as in the quickstart
         torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", out_dir, **{
             "parallel.zero_stage": 0, "optim.name": "muon", "optim.grad_clip": 0, "optim.steps": 4,
-            "checkpoint.every": 2, "ema.enabled": True})], extra_env={"TORCHDYNAMO_DISABLE": "0"})  # compiled, as in the quickstart
+            "checkpoint.every": 2, "ema.enabled": True})], extra_env={"TORCHDYNAMO_DISABLE": "0"})
 
     out, again = tmp_path / "run", tmp_path / "rerun"
     run(out)
