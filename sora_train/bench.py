@@ -3,6 +3,7 @@
   sora-bench model --model XL --seq-len 16384 65536 --attention sdpa flex varlen --ac both
   sora-bench packing --data data/bench/shards --seq-len 8192
   sora-bench model --model 30B --params-only
+  sora-bench attention --seq-len 4096 16384 --attention sdpa flex varlen   (numerics vs a float32 reference, speed)
 
 Prints a table and writes JSON (--json). Timings are medians over --steps after --warmup steps.
 """
@@ -56,7 +57,7 @@ def synthetic_packed_batch(args, seq_len: int, rows: int, sample_tokens: tuple[i
 
 
 def bench_model(args, seq_len: int, rows: int, attention: str, ac: bool, steps: int, warmup: int, device,
-                peak: float | None) -> dict:
+                peak: float | None, profile: str | None = None) -> dict:
     from .models import DiT
     from .models.flops import train_flops
     from .parallel import checkpoint_module
@@ -77,26 +78,111 @@ def bench_model(args, seq_len: int, rows: int, attention: str, ac: bool, steps: 
     flops = train_flops(args, seg.cpu(), tseg.cpu())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def step():
         out = model(x, t, pos, seg, text, tseg, extent=extent)
         out.float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    if profile:
+        write_profile(step, device, profile)
     dt = statistics.median(times)
     res = {"params": sum(p.numel() for p in model.parameters()), "seq_len": seq_len, "rows": rows,
-           "attention": attention, "activation_checkpointing": ac, "step_s": dt,
+           "attention": attention, "kernel": kernel_name(model.attention, attention, device, dtype, seg),
+           "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac, "step_s": dt,
            "tokens_per_s": int((seg > 0).sum()) / dt, "tflops": flops / dt / 1e12, "device": device_name(device)}
     if peak:
         res["mfu"] = res["tflops"] / peak
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
+
+
+def write_profile(step, device, path: str, rows: int = 25) -> None:
+    """One step under torch.profiler: the ops taking the most device (or CPU) time, to a text file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    Path(path).write_text(table)
+    print(table, flush=True)
+
+
+def attention_numerics(seq_len: int, heads: int, head_dim: int, text_len: int, backends: list[str], steps: int,
+                       device, seed: int = 0, check: bool = True, segment_tokens: int | None = None) -> list[dict]:
+    """Each backend against the naive float32 reference on the same packed row, in the dtype training
+    uses on this device (bf16 on CUDA): relative error of the output and of dq, dk, dv on real tokens,
+    for self-attention (segments vs segments) and cross-attention (segments vs packed text); plus the
+    median forward+backward time of self-attention and its TFLOP/s counting real work only (sum n_i^2)."""
+    from .models import DiTArgs, build_attention
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args = DiTArgs(max_segments=64)
+    sizes = (segment_tokens // 2, 3 * segment_tokens // 2) if segment_tokens else (seq_len // 16, seq_len // 3)
+    seg, tseg, _ = synthetic_packed_batch(args, seq_len, 1, sizes, text_len, seed)
+    seg, tseg = seg.to(device), tseg.to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    real = seg > 0
+    n = torch.bincount(seg[real])[1:].double()
+    work = 4 * float((n**2).sum()) * heads * head_dim * 3.5  # fwd 4*n^2*d per head; backward 2.5x forward
+    cot = torch.randn(1, seq_len, heads, head_dim, device=device, generator=g, dtype=dtype) * real[..., None, None]
+    results = []
+    for name in backends:
+        res = {"attention": name, "seq_len": seq_len, "segments": int(n.numel()), "heads": heads,
+               "head_dim": head_dim, "dtype": str(dtype)}
+        try:
+            be = build_attention(name, max_segments=args.max_segments)
+            res["kernel"] = kernel_name(be, name, device, dtype, seg)
+            for kind, sk in (("self", seg), ("cross", tseg)) if check else ():
+                q, k, v = (torch.randn(1, s, heads, head_dim, device=device, generator=g, dtype=dtype)
+                           for s in (seq_len, sk.shape[1], sk.shape[1]))
+                outs = []
+                for impl, dt in ((be, dtype), (build_attention("naive"), torch.float32)):
+                    qq, kk, vv = (x.detach().to(dt).requires_grad_() for x in (q, k, v))
+                    out = impl(qq, kk, vv, mask=impl.prepare(seg, sk))
+                    out.backward(cot.to(dt))
+                    outs.append([o.detach().float() for o in (out[real], qq.grad, kk.grad, vv.grad)])
+                    res.setdefault(f"{kind}_finite", bool(torch.isfinite(out).all()))  # padding rows too
+                for label, a, b in zip(("out", "dq", "dk", "dv"), *outs):
+                    res[f"{kind}_{label}_rel_err"] = float((a - b).norm() / b.norm())
+            q, k, v = (torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            times = []
+            for i in range(2 + steps):
+                sync(device)
+                t0 = time.perf_counter()
+                be(q, k, v, mask=be.prepare(seg, seg)).backward(cot)
+                sync(device)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+            res["fwd_bwd_ms"] = statistics.median(times) * 1e3
+            res["real_tflops"] = work / statistics.median(times) / 1e12
+        except (RuntimeError, NotImplementedError, ValueError) as e:  # OOM, backend unavailable here
+            res["error"] = str(e)[:200]
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    return results
+
+
+def kernel_name(backend, name: str, device, dtype, seg) -> str:
+    """Which kernel a backend runs here on these rows: varlen picks one by what is installed and by the
+    samples' lengths; the others are their name."""
+    if not hasattr(backend, "kernel_for"):
+        return name
+    return backend.kernel_for(device, dtype, backend.prepare(seg, seg))
 
 
 def sync(device):
@@ -156,17 +242,54 @@ def main(argv=None) -> None:
     pm.add_argument("--peak-tflops", type=float, default=None)
     pm.add_argument("--params-only", action="store_true")
     pm.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. model.depth=4")
+    pm.add_argument("--profile", default=None, help="write a torch.profiler table of one more step (last config)")
+    pa = sub.add_parser("attention")
+    pa.add_argument("--seq-len", type=int, nargs="+", default=[4096])
+    pa.add_argument("--attention", nargs="+", default=["sdpa", "flex", "varlen"])
+    pa.add_argument("--heads", type=int, default=16)
+    pa.add_argument("--head-dim", type=int, default=64)
+    pa.add_argument("--text-len", type=int, default=256, help="longest caption; packed text is 16x this")
+    pa.add_argument("--steps", type=int, default=5)
+    pa.add_argument("--segment-tokens", type=int, default=None,
+                    help="samples of about this many tokens (0.5-1.5x); default seq_len/16 to seq_len/3")
+    pa.add_argument("--no-check", action="store_true", help="time only (the float32 reference needs S^2 memory)")
     pk = sub.add_parser("packing")
     pk.add_argument("--data", required=True)
     pk.add_argument("--seq-len", type=int, default=8192)
     pk.add_argument("--batch", type=int, default=8, help="samples per batch for pad-to-longest / bucketing")
     pk.add_argument("--workers", type=int, default=1)
     pk.add_argument("--lookahead", type=int, default=64)
-    for sp in (pm, pk):
+    for sp in (pm, pk, pa):
         sp.add_argument("--json", default=None)
+    for sp in (pm, pa):
+        sp.add_argument("--sdpa-backend", default=None, choices=["cudnn", "flash", "efficient", "math"],
+                        help="pin torch SDPA to one kernel (for sdpa and varlen:sdpa)")
     a = p.parse_args(argv)
+    with pinned_sdpa(getattr(a, "sdpa_backend", None)):
+        results = run(a)
+    for r in results:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+def pinned_sdpa(backend: str | None):
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+    return sdpa_kernel([getattr(SDPBackend, names[backend])]) if backend else nullcontext()
+
+
+def run(a) -> list[dict]:
     if a.what == "packing":
         results = [bench_packing(a.data, a.seq_len, a.batch, a.workers, a.lookahead)]
+    elif a.what == "attention":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        results = [{**r, "sdpa_backend": a.sdpa_backend or "auto"} for s in a.seq_len for r in attention_numerics(
+            s, a.heads, a.head_dim, a.text_len, a.attention, a.steps, device, check=not a.no_check,
+            segment_tokens=a.segment_tokens)]
     else:
         from .engine.metrics import device_peak_tflops
         from .models import count_params
@@ -184,15 +307,12 @@ def main(argv=None) -> None:
                 for attn in a.attention:
                     for ac in acs:
                         try:
-                            r = bench_model(args, s, a.rows, attn, ac, a.steps, a.warmup, device, peak)
-                        except (RuntimeError, NotImplementedError) as e:  # OOM, backend unavailable here
+                            r = bench_model(args, s, a.rows, attn, ac, a.steps, a.warmup, device, peak, a.profile)
+                        except (RuntimeError, NotImplementedError, ValueError) as e:  # OOM, backend not here
                             r = {"seq_len": s, "attention": attn, "activation_checkpointing": ac, "error": str(e)[:200]}
-                        results.append({"model": a.model, **r})
+                        results.append({"model": a.model, **r, "sdpa_backend": a.sdpa_backend or "auto"})
                         print(json.dumps(results[-1]), flush=True)
-    for r in results:
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from .data import check_manifest, list_shards, load_manifest
-from .models import DiTArgs, count_params
+from .models import VARLEN_KERNELS, DiTArgs, build_attention, count_params
 from .parallel import check_degrees
 
 
@@ -45,8 +45,14 @@ def preflight(cfg) -> dict:
         raise ConfigError(f"data.max_per_row={cfg.data.max_per_row} exceeds model.max_segments={cfg.model.max_segments}")
     if cfg.diffusion.kind not in ("flow", "ddpm"):
         raise ConfigError(f"diffusion.kind={cfg.diffusion.kind!r}: use flow or ddpm")
-    if cfg.model.attention not in ("sdpa", "flex", "varlen", "flash", "naive"):
-        raise ConfigError(f"model.attention={cfg.model.attention!r}: use sdpa, flex, varlen or naive")
+    if cfg.model.attention not in ("sdpa", "flex", "varlen", "flash", "naive", *VARLEN_KERNELS):
+        raise ConfigError(f"model.attention={cfg.model.attention!r}: use sdpa, flex, varlen or naive "
+                          f"(or a varlen kernel by name: {', '.join(VARLEN_KERNELS)})")
+    if cfg.model.attention.startswith("varlen:"):  # a pinned kernel must be installed here
+        try:
+            build_attention(cfg.model.attention)
+        except ValueError as e:
+            raise ConfigError(f"model.attention={cfg.model.attention!r}: {e}") from e
     if cfg.optim.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use adamw or muon")
     if cfg.optim.name == "muon" and cfg.parallel.zero_stage > 0 and cfg.optim.grad_clip > 0:

@@ -10,7 +10,8 @@ from sora_train.data import patchify, unpatchify
 from sora_train.data.packing import Item, Packer
 from sora_train.diffusion import DDPM, DDPMConfig, FlowConfig, RectifiedFlow, masked_mse_sum, per_token
 from sora_train.models import DiT, DiTArgs
-from sora_train.models.attention import FlexAttention, build_attention
+from sora_train.models.dit import to_tokens
+from sora_train.models.attention import FlexAttention, VarlenAttention, build_attention
 from sora_train.models.flops import forward_flops
 from sora_train.models.layers import FractionalPositions
 
@@ -115,7 +116,7 @@ def test_attention_backends_agree_with_naive():
         ref = naive(q, k, v, naive.prepare(seg, sk))
         (ref[real] ** 2).sum().backward()
         ref_grads = [x.grad.clone() for x in (q, k, v)]
-        for name in ("sdpa", "varlen"):
+        for name in ("sdpa", "varlen", "varlen:sdpa"):
             for x in (q, k, v):
                 x.grad = None
             be = build_attention(name, max_segments=4)
@@ -127,6 +128,42 @@ def test_attention_backends_agree_with_naive():
         flex = FlexAttention(compile=False)  # forward only: flex backward is CUDA-only
         out = flex(q.detach(), k.detach(), v.detach(), flex.prepare(seg, sk))
         torch.testing.assert_close(out[real], ref[real].detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_varlen_kernel_named_in_config_is_checked():
+    assert build_attention("varlen:sdpa").kernel == "sdpa_per_sequence"
+    with pytest.raises(ValueError, match="unknown varlen kernel 'fa9'"):
+        build_attention("varlen:fa9")
+    with pytest.raises(ValueError, match="unknown attention backend 'vorlen'"):
+        build_attention("vorlen")
+
+
+def test_varlen_takes_long_samples_one_at_a_time_unless_a_kernel_is_named():
+    long = VarlenAttention.LONG_SAMPLE_TOKENS
+    seg_long = torch.tensor([[1] * long + [2] * (long + 2) + [0] * 5000])  # mean of samples (not padding) >= long
+    seg_short = torch.tensor([[1] * (long - 1) + [2] * (long - 2) + [0] * 9000])
+    auto, named = VarlenAttention(4), VarlenAttention(4, "torch_varlen")
+    assert auto.prepare(seg_long, seg_long)["one_at_a_time"] and not auto.prepare(seg_short, seg_short)["one_at_a_time"]
+    assert not named.prepare(seg_long, seg_long)["one_at_a_time"]
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert auto.kernel_for(cuda, bf16, auto.prepare(seg_long, seg_long)) == "sdpa_per_sequence"
+    assert named.kernel_for(cuda, bf16, named.prepare(seg_long, seg_long)) == "torch_varlen"
+    assert auto.kernel_for(torch.device("cpu"), bf16) == "sdpa_per_sequence"
+
+
+def test_per_sample_values_reach_their_tokens_the_same_way_on_both_paths():
+    g = torch.Generator().manual_seed(0)
+    per_sample = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    sample_of_token = torch.tensor([[0] * 4 + [1] * 9 + [2] * 3 + [0] * 2, [0] * 6 + [3] * 6 + [4] * 6])
+    cot = torch.randn(2, 18, 7, generator=g, dtype=torch.float64)
+    results = []
+    for onehot in (False, True):  # index_select (CPU) and the one-hot matmul CUDA takes
+        out = to_tokens(per_sample, sample_of_token, onehot=onehot)
+        (grad,) = torch.autograd.grad(out, per_sample, cot)
+        results.append((out, grad))
+    assert torch.equal(results[0][0], per_sample[torch.arange(2)[:, None], sample_of_token])
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
 
 
 def test_output_is_zero_at_init():

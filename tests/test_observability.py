@@ -5,6 +5,8 @@ import struct
 import subprocess
 import sys
 
+import torch
+
 from distributed import ROOT, env, tiny_model, torchrun
 
 BLOCK = 32768
@@ -79,3 +81,15 @@ def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
     r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "30B", "--params-only"],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "params=" in r.stdout
+
+
+def test_sora_bench_attention_compares_each_backend_with_the_float32_reference():
+    from sora_train.bench import attention_numerics
+
+    rows = attention_numerics(512, heads=2, head_dim=16, text_len=32, backends=["sdpa", "varlen", "varlen:sdpa"],
+                              steps=1, device=torch.device("cpu"))
+    assert [r["kernel"] for r in rows] == ["sdpa", "sdpa_per_sequence", "sdpa_per_sequence"]
+    for r in rows:  # float32 on CPU: the same function up to rounding, forward and backward, self and cross
+        errs = [v for k, v in r.items() if k.endswith("_rel_err")]
+        assert len(errs) == 8 and max(errs) < 1e-5, r
+        assert r["self_finite"] and r["cross_finite"] and r["fwd_bwd_ms"] > 0 and r["segments"] >= 3

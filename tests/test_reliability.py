@@ -147,6 +147,9 @@ def compose(*overrides):
     (["model.dim=100", "model.heads=6"], r"model.dim=100 is not divisible by model.heads=6"),
     (["diffusion.kind=edm"], r"diffusion.kind='edm'"),
     (["optim.name=sgd"], r"optim.name='sgd': use adamw or muon"),
+    (["model.attention=varlen:fa3"], r"model.attention='varlen:fa3': use sdpa, flex, varlen"),
+    (["model.attention=varlen:flash_attn"], r"model.attention='varlen:flash_attn': varlen kernel 'flash_attn' is "
+                                            r"not installed here"),  # the optional CUDA extra, absent in CI
     (["optim.name=muon", "parallel.zero_stage=3", "optim.grad_clip=1"], r"clip Muon's orthogonalised update"),
 ])
 def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):

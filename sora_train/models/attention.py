@@ -83,29 +83,63 @@ def varlen_lengths(seg_q: torch.Tensor, seg_k: torch.Tensor, max_segments: int) 
 
 
 class VarlenAttention(nn.Module):
-    """flash-attn's varlen kernel (cu_seqlens over the packed rows) when installed on CUDA; else the
-    same sequences with SDPA one at a time, which on CPU beats a dense S x S mask (no masked work)."""
+    """Attention over the packed rows as one batch of variable-length sequences (cu_seqlens): no
+    masked work at all. Kernel, best first: flash-attn's `flash_attn_varlen_func` (the optional CUDA
+    extra); torch's own `varlen_attn` (the same flash kernel, shipped with torch >= 2.10, CUDA only,
+    so the extra is no longer needed for this path); else SDPA one sequence at a time, which on CPU
+    still beats a dense S x S mask. `kernel` says which one a CUDA bf16/fp16 call takes; naming it
+    (`varlen:sdpa`, say) forces one, to compare them.
 
-    def __init__(self, max_segments: int = 64):
+    Unless a kernel is named, rows whose samples average LONG_SAMPLE_TOKENS or more go one sequence
+    at a time through SDPA even on CUDA: torch dispatches those to cuDNN's Hopper attention, which on
+    an H200 beat the varlen kernel by 36-47% on the 1B preset's 64k-token rows (6 samples of 5-19k
+    tokens) but lost by 11-14% at samples of ~4k and by 2.5-3.3x at ~1k and ~256 (per-call overhead);
+    docs/performance.md has the table and commands."""
+
+    KERNELS = ("flash_attn", "torch_varlen", "sdpa_per_sequence")
+    LONG_SAMPLE_TOKENS = 8192  # between the two measured points above (4k: varlen wins; ~11k: SDPA wins)
+
+    def __init__(self, max_segments: int = 64, kernel: str | None = None):
         super().__init__()
         self.max_segments = max_segments
         try:
             from flash_attn import flash_attn_varlen_func
         except ImportError:
             flash_attn_varlen_func = None
-        self._flash = flash_attn_varlen_func
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        self._flash, self._torch_varlen = flash_attn_varlen_func, varlen_attn
+        self.kernel = "flash_attn" if self._flash else "torch_varlen" if self._torch_varlen else "sdpa_per_sequence"
+        if kernel is not None:
+            if kernel not in self.KERNELS:
+                raise ValueError(f"unknown varlen kernel {kernel!r}; use one of {self.KERNELS}")
+            if {"flash_attn": self._flash, "torch_varlen": self._torch_varlen}.get(kernel, True) is None:
+                raise ValueError(f"varlen kernel {kernel!r} is not installed here")
+            self.kernel = kernel
+        self.named = kernel is not None
+
+    def kernel_for(self, device: torch.device, dtype: torch.dtype, mask: dict | None = None) -> str:
+        """The kernel a call on this device and dtype takes (given its prepared mask, if known)."""
+        fused = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        return self.kernel if fused and not (mask and mask["one_at_a_time"]) else "sdpa_per_sequence"
 
     def prepare(self, seg_q, seg_k):
         lq, lk = varlen_lengths(seg_q, seg_k, self.max_segments)
         cu = lambda n: F.pad(n.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
+        samples = lq.view(seg_q.shape[0], -1)[:, :-1]  # the last run of each row is its padding
+        mean_tokens = float(samples.sum() / (samples > 0).sum().clamp(min=1))
         return {"lq": lq.tolist(), "lk": lk.tolist(), "cu_q": cu(lq), "cu_k": cu(lk),
-                "max_q": int(lq.max()), "max_k": int(lk.max())}
+                "max_q": int(lq.max()), "max_k": int(lk.max()),
+                "one_at_a_time": not self.named and mean_tokens >= self.LONG_SAMPLE_TOKENS}
 
     def forward(self, q, k, v, mask):
         B, Sq, H, D = q.shape
         qf, kf, vf = q.reshape(-1, H, D), k.reshape(-1, H, D), v.reshape(-1, H, D)
-        if self._flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            out = self._flash(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
+        if self.kernel_for(q.device, q.dtype, mask) != "sdpa_per_sequence":
+            fn = self._flash if self.kernel == "flash_attn" else self._torch_varlen
+            out = fn(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
             return out.reshape(B, Sq, H, D)
         outs, kq, kk = [], 0, 0
         for nq, nk in zip(mask["lq"], mask["lk"]):
@@ -129,4 +163,11 @@ def build_attention(name: str, max_segments: int = 64) -> nn.Module:
         return FlexAttention()
     if name in ("varlen", "flash"):
         return VarlenAttention(max_segments)
-    raise ValueError(f"unknown attention backend {name!r}; use sdpa, flex, varlen (flash-attn) or naive")
+    if name.startswith("varlen:"):  # varlen with a named kernel: varlen:flash_attn, varlen:torch_varlen, varlen:sdpa
+        kernel = name.split(":", 1)[1]
+        return VarlenAttention(max_segments, "sdpa_per_sequence" if kernel == "sdpa" else kernel)
+    raise ValueError(f"unknown attention backend {name!r}; use sdpa, flex, varlen (flash-attn) or naive, "
+                     f"or one of {VARLEN_KERNELS}")
+
+
+VARLEN_KERNELS = ("varlen:flash_attn", "varlen:torch_varlen", "varlen:sdpa")
