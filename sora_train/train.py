@@ -207,8 +207,8 @@ class Trainer:
                       flush=True)
                 raise SystemExit(EXIT_REQUEUE)
         faulthandler.cancel_dump_traceback_later()
-        if self.cfg.data.val:
-            self.logger.log(self.step, self.validate())
+        if self.cfg.data.val and not (self.step > start_step and every(self.cfg.logging.val_every, self.step)):
+            self.logger.log(self.step, self.validate())  # the final model's, unless the loop just measured it
         return self.losses
 
     def stop_on_nonfinite(self) -> None:
@@ -361,6 +361,17 @@ def refuse_incompatible_resume(cfg, meta: dict, src: Path, world: int | None = N
                           f"config or start a new out_dir (checkpoint.resume=never starts over in place)")
 
 
+def describe_run(cfg, engine, dims, device) -> str:
+    """One line at start-up: what is being trained, where, and how fast it will have to go."""
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    dtype = "bf16" if engine.bfloat16_enabled() else "fp32"
+    return (f"sora-train: model {m.name} ({params / 1e6:.1f}M parameters: dim {m.dim}, depth {m.depth}, {m.heads} heads), "
+            f"attention {m.attention}; {dims.world_size} process(es) = dp {dims.dp} x sp {dims.sp} on {device.type}, "
+            f"ZeRO stage {cfg.parallel.zero_stage}, {dtype}; {d.seq_len} tokens x {d.rows} row(s) x {o.grad_accum} "
+            f"micro-batch(es) per rank per step; {o.steps} steps of {o.name} -> {cfg.out_dir}")
+
+
 def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (tests feed fixed batches)."""
     manifest = preflight(cfg)  # refuses bad config before any process group or data work
@@ -378,6 +389,8 @@ def build(cfg, loader=None) -> Trainer:
     if resharding:
         ckpt.prepare_resharding(src)
     engine = build_engine(cfg, model, dims, device, load_universal=resharding)
+    if dims.is_main:
+        print(describe_run(cfg, engine, dims, device), flush=True)
     ema = EMA(engine.module, cfg.ema.decay, dims.rank, dims.world_size) if cfg.ema.enabled else None
     step, position, run_id = 0, None, None
     if src is not None:

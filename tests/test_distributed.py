@@ -109,6 +109,7 @@ def resumed(dataset, straight_run, tmp_path_factory):
 def test_resume_continues_exactly_and_consumes_no_sample_twice(resumed):
     straight, part_dir, r = resumed
     assert "resumed from" in r.stdout and "step_00000005" in r.stdout
+    assert r.stdout.count("sora-train: model tiny") == 1 and "2 process(es) = dp " in r.stdout  # rank 0's line
     full, part = step_losses(straight), step_losses(part_dir)
     assert [part[s] for s in range(6, 11)] == [full[s] for s in range(6, 11)]  # equal, not close
     # The same samples consumed in total (a sample consumed twice raises inside the loader).
