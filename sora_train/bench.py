@@ -235,7 +235,7 @@ def main(argv=None) -> None:
     pm.add_argument("--model", default="tiny")
     pm.add_argument("--seq-len", type=int, nargs="+", default=[4096])
     pm.add_argument("--rows", type=int, default=1)
-    pm.add_argument("--attention", nargs="+", default=["sdpa"])
+    pm.add_argument("--attention", nargs="+", default=["varlen"])
     pm.add_argument("--ac", choices=["on", "off", "both"], default="off")
     pm.add_argument("--steps", type=int, default=5)
     pm.add_argument("--warmup", type=int, default=2)
