@@ -367,9 +367,9 @@ def describe_run(cfg, engine, dims, device) -> str:
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     dtype = "bf16" if engine.bfloat16_enabled() else "fp32"
     return (f"sora-train: model {m.name} ({params / 1e6:.1f}M parameters: dim {m.dim}, depth {m.depth}, "
-            f"{m.heads} heads), attention {m.attention}; {dims.world_size} process(es) = dp {dims.dp} x sp {dims.sp} on {device.type}, "
-            f"ZeRO stage {cfg.parallel.zero_stage}, {dtype}; {d.seq_len} tokens x {d.rows} row(s) x {o.grad_accum} "
-            f"micro-batch(es) per rank per step; {o.steps} steps of {o.name} -> {cfg.out_dir}")
+            f"{m.heads} heads), attention {m.attention}; {dims.world_size} process(es) = dp {dims.dp} x sp {dims.sp} "
+            f"on {device.type}, ZeRO stage {cfg.parallel.zero_stage}, {dtype}; {d.seq_len} tokens x {d.rows} row(s) "
+            f"x {o.grad_accum} micro-batch(es) per rank per step; {o.steps} steps of {o.name} -> {cfg.out_dir}")
 
 
 def build(cfg, loader=None) -> Trainer:

@@ -10,8 +10,8 @@ from sora_train.data import patchify, unpatchify
 from sora_train.data.packing import Item, Packer
 from sora_train.diffusion import DDPM, DDPMConfig, FlowConfig, RectifiedFlow, masked_mse_sum, per_token
 from sora_train.models import DiT, DiTArgs
-from sora_train.models.dit import to_tokens
 from sora_train.models.attention import FlexAttention, VarlenAttention, build_attention
+from sora_train.models.dit import to_tokens
 from sora_train.models.flops import forward_flops
 from sora_train.models.layers import FractionalPositions
 

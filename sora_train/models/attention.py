@@ -96,7 +96,7 @@ class VarlenAttention(nn.Module):
     tokens) but lost by 11-14% at samples of ~4k and by 2.5-3.3x at ~1k and ~256 (per-call overhead);
     docs/performance.md has the table and commands."""
 
-    KERNELS = ("flash_attn", "torch_varlen", "sdpa_per_sequence")
+    KERNELS = {"flash_attn": "flash_attn", "torch_varlen": "torch_varlen", "sdpa": "sdpa_per_sequence"}  # config: label
     LONG_SAMPLE_TOKENS = 8192  # between the two measured points above (4k: varlen wins; ~11k: SDPA wins)
 
     def __init__(self, max_segments: int = 64, kernel: str | None = None):
@@ -114,10 +114,10 @@ class VarlenAttention(nn.Module):
         self.kernel = "flash_attn" if self._flash else "torch_varlen" if self._torch_varlen else "sdpa_per_sequence"
         if kernel is not None:
             if kernel not in self.KERNELS:
-                raise ValueError(f"unknown varlen kernel {kernel!r}; use one of {self.KERNELS}")
+                raise ValueError(f"unknown varlen kernel {kernel!r}; use one of {tuple(self.KERNELS)}")
             if {"flash_attn": self._flash, "torch_varlen": self._torch_varlen}.get(kernel, True) is None:
                 raise ValueError(f"varlen kernel {kernel!r} is not installed here")
-            self.kernel = kernel
+            self.kernel = self.KERNELS[kernel]
         self.named = kernel is not None
 
     def kernel_for(self, device: torch.device, dtype: torch.dtype, mask: dict | None = None) -> str:
@@ -164,10 +164,9 @@ def build_attention(name: str, max_segments: int = 64) -> nn.Module:
     if name in ("varlen", "flash"):
         return VarlenAttention(max_segments)
     if name.startswith("varlen:"):  # varlen with a named kernel: varlen:flash_attn, varlen:torch_varlen, varlen:sdpa
-        kernel = name.split(":", 1)[1]
-        return VarlenAttention(max_segments, "sdpa_per_sequence" if kernel == "sdpa" else kernel)
+        return VarlenAttention(max_segments, name.split(":", 1)[1])
     raise ValueError(f"unknown attention backend {name!r}; use sdpa, flex, varlen (flash-attn) or naive, "
                      f"or one of {VARLEN_KERNELS}")
 
 
-VARLEN_KERNELS = ("varlen:flash_attn", "varlen:torch_varlen", "varlen:sdpa")
+VARLEN_KERNELS = tuple(f"varlen:{k}" for k in VarlenAttention.KERNELS)
