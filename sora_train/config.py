@@ -154,6 +154,7 @@ class EvalConfig:
     width: int = 32
     steps: int = 30
     guidance: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    sampler: Optional[str] = None  # default: the checkpoint's diffusion.sampler
     per_pair: int = 2  # motions per (colour, shape) pair
     seed: int = 0
     use_ema: bool = True

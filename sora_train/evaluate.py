@@ -146,16 +146,17 @@ def run(cfg) -> dict:
                             else manifest["text_encoder"]["name"].removeprefix("hf:"))
     codec = codec_from_manifest_name(manifest["codec"]["name"])
     a, dc = model.args, diffusion_from_meta(meta)
+    sampler = cfg.sampler or dc.sampler
     items = eval_prompts(cfg.seed, cfg.per_pair)
     texts = encoder.encode([it["prompt"] for it in items])
     grid = latent_grid(codec, a.patch_size, cfg.frames, cfg.height, cfg.width)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(cfg.checkpoint), "untrained": cfg.untrained, "step": meta.get("step"),
-              "prompts": len(items), "results": {}}
+              "sampler": sampler, "steps": cfg.steps, "prompts": len(items), "results": {}}
     for g in cfg.guidance:
         latents = generate_latents(model, build_objective(dc), texts, grid, a.patch_size, a.in_channels, a.text_dim,
-                                   cfg.steps, g, dc.sampler, cfg.seed, "cpu")
+                                   cfg.steps, g, sampler, cfg.seed, "cpu")
         videos = [to_frames(codec, z) for z in latents]
         analyses = [analyse(v) for v in videos]
         report["results"][f"guidance_{g}"] = score(items, analyses)

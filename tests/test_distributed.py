@@ -143,6 +143,32 @@ def test_export_loads_into_a_plain_dit_and_samples(resumed):
     assert (tmp / "videos" / "00_a_red_square_moving_left.gif").stat().st_size > 0
 
 
+def test_eval_scores_a_checkpoint_with_the_sampler_asked_for(resumed):
+    """`sora-eval` on a trained checkpoint: a score per attribute and guidance, contact sheets, and the sampler
+    used in the report; an unknown sampler is refused by name."""
+    from omegaconf import OmegaConf
+
+    from sora_train.config import EvalConfig
+    from sora_train.evaluate import run
+    from sora_train.export import export
+
+    straight, _, _ = resumed
+    out = straight.parent / "eval_heun"
+    checkpoint = export(straight / "checkpoints", straight.parent / "export_for_eval")
+    cfg = OmegaConf.structured(EvalConfig(checkpoint=str(checkpoint), out_dir=str(out), steps=2,
+                                          guidance=[1.0, 4.0], per_pair=1, sampler="heun"))
+    report = run(cfg)
+    assert report["sampler"] == "heun" and report["step"] == 10 and report["prompts"] == 8
+    for g in ("guidance_1.0", "guidance_4.0"):
+        assert set(report["results"][g]) >= {"colour", "motion", "shape", "colour_heldout"}
+        assert all(0.0 <= v <= 1.0 for v in report["results"][g].values() if v is not None)
+        assert (out / f"contact_sheet_{g}.png").stat().st_size > 0
+    assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+    cfg.sampler = "ddim"
+    with pytest.raises(ValueError, match="ddim"):
+        run(cfg)
+
+
 def sample_cli(checkpoint, out_dir, prompt: str, *overrides: str) -> None:
     """`sora-sample` in a fresh process: 4 frames at 32x32, 2 steps."""
     import subprocess
