@@ -131,11 +131,14 @@ def run(cfg) -> dict:
 
     from .codecs import codec_from_manifest_name
     from .codecs.text import HFTextEncoder
-    from .diffusion import build_objective
+    from .diffusion import build_objective, check_sampler
     from .generate import generate_latents, latent_grid, to_frames
     from .sample import diffusion_from_meta, load_for_sampling
 
     model, meta = load_for_sampling(cfg.checkpoint, cfg.use_ema)
+    dc = diffusion_from_meta(meta)
+    sampler = cfg.sampler or dc.sampler
+    check_sampler(dc.kind, sampler)
     if cfg.untrained:  # the same architecture at initialisation: the floor to compare against
         from .models import DiT
 
@@ -145,8 +148,7 @@ def run(cfg) -> dict:
     encoder = HFTextEncoder(None if manifest["text_encoder"]["name"] == "minilm"
                             else manifest["text_encoder"]["name"].removeprefix("hf:"))
     codec = codec_from_manifest_name(manifest["codec"]["name"])
-    a, dc = model.args, diffusion_from_meta(meta)
-    sampler = cfg.sampler or dc.sampler
+    a = model.args
     items = eval_prompts(cfg.seed, cfg.per_pair)
     texts = encoder.encode([it["prompt"] for it in items])
     grid = latent_grid(codec, a.patch_size, cfg.frames, cfg.height, cfg.width)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from .data import check_manifest, list_shards, load_manifest
+from .diffusion import OBJECTIVES, check_sampler
 from .models import VARLEN_KERNELS, DiTArgs, build_attention, count_params
 from .parallel import check_degrees
 
@@ -43,8 +44,12 @@ def preflight(cfg) -> dict:
         raise ConfigError(str(e)) from e
     if cfg.data.max_per_row > cfg.model.max_segments:
         raise ConfigError(f"data.max_per_row={cfg.data.max_per_row} exceeds model.max_segments={cfg.model.max_segments}")
-    if cfg.diffusion.kind not in ("flow", "ddpm"):
-        raise ConfigError(f"diffusion.kind={cfg.diffusion.kind!r}: use flow or ddpm")
+    if cfg.diffusion.kind not in OBJECTIVES:
+        raise ConfigError(f"diffusion.kind={cfg.diffusion.kind!r}: use {' or '.join(OBJECTIVES)}")
+    try:  # the run's samples (W&B, the end of training) use it: a typo would surface after the last step
+        check_sampler(cfg.diffusion.kind, cfg.diffusion.sampler)
+    except ValueError as e:
+        raise ConfigError(f"diffusion.sampler: {e}") from e
     if cfg.model.attention not in ("sdpa", "flex", "varlen", "flash", "naive", *VARLEN_KERNELS):
         raise ConfigError(f"model.attention={cfg.model.attention!r}: use sdpa, flex, varlen or naive "
                           f"(or a varlen kernel by name: {', '.join(VARLEN_KERNELS)})")

@@ -14,7 +14,7 @@ from . import CONF_DIR
 from .codecs import codec_from_manifest_name
 from .codecs.text import HFTextEncoder
 from .config import register, saved_model_config
-from .diffusion import DiffusionConfig, FlowConfig, DDPMConfig, build_objective
+from .diffusion import DDPMConfig, DiffusionConfig, FlowConfig, build_objective, check_sampler
 from .engine.checkpoint import find_latest, is_complete
 from .generate import generate_latents, latent_grid, to_frames, write_videos
 from .models import DiT
@@ -53,6 +53,9 @@ def diffusion_from_meta(meta: dict) -> DiffusionConfig:
 def run(cfg) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     model, meta = load_for_sampling(cfg.checkpoint, cfg.use_ema)
+    dc = diffusion_from_meta(meta)
+    sampler = cfg.sampler or dc.sampler
+    check_sampler(dc.kind, sampler)
     model.to(device)
     manifest = meta.get("manifest") or {}
     if not manifest and not cfg.text_encoder:
@@ -62,10 +65,8 @@ def run(cfg) -> list[Path]:
     codec = codec_from_manifest_name(manifest["codec"]["name"], device=str(device))
     a = model.args
     grid = latent_grid(codec, a.patch_size, cfg.frames, cfg.height, cfg.width)
-    dc = diffusion_from_meta(meta)
     latents = generate_latents(model, build_objective(dc), encoder.encode(list(cfg.prompts)), grid, a.patch_size,
-                               a.in_channels, a.text_dim, cfg.steps, cfg.guidance, cfg.sampler or dc.sampler, cfg.seed,
-                               device)
+                               a.in_channels, a.text_dim, cfg.steps, cfg.guidance, sampler, cfg.seed, device)
     gifs = write_videos(Path(cfg.out_dir), list(cfg.prompts), [to_frames(codec, z) for z in latents], cfg.fps)
     for g in gifs:
         print(f"wrote {g.with_suffix('.mp4')} and {g}")

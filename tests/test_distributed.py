@@ -164,9 +164,10 @@ def test_eval_scores_a_checkpoint_with_the_sampler_asked_for(resumed):
         assert all(0.0 <= v <= 1.0 for v in report["results"][g].values() if v is not None)
         assert (out / f"contact_sheet_{g}.png").stat().st_size > 0
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
-    cfg.sampler = "ddim"
-    with pytest.raises(ValueError, match="ddim"):
+    cfg.sampler, cfg.out_dir = "ddim", str(out / "refused")
+    with pytest.raises(ValueError, match="sampler 'ddim': diffusion.kind=flow samples with euler or heun"):
         run(cfg)
+    assert not (out / "refused").exists()  # refused before any work
 
 
 def sample_cli(checkpoint, out_dir, prompt: str, *overrides: str) -> None:

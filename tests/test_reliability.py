@@ -146,6 +146,7 @@ def compose(*overrides):
     (["checkpoint.min_free_gb=1e12"], r"checkpoint.dir=.*GB free"),
     (["model.dim=100", "model.heads=6"], r"model.dim=100 is not divisible by model.heads=6"),
     (["diffusion.kind=edm"], r"diffusion.kind='edm'"),
+    (["diffusion.sampler=ddim"], r"diffusion.sampler: sampler 'ddim': diffusion.kind=flow samples with euler or heun"),
     (["optim.name=sgd"], r"optim.name='sgd': use adamw or muon"),
     (["model.attention=varlen:fa3"], r"model.attention='varlen:fa3': use sdpa, flex, varlen"),
     (["model.attention=varlen:flash_attn"], r"model.attention='varlen:flash_attn': varlen kernel 'flash_attn' is "

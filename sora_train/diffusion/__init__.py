@@ -20,12 +20,21 @@ class DiffusionConfig:
     guidance: float = 4.0
 
 
+OBJECTIVES = {"flow": RectifiedFlow, "ddpm": DDPM}  # diffusion.kind -> objective; each reads cfg.<kind>
+
+
 def build_objective(cfg: DiffusionConfig):
-    if cfg.kind == "flow":
-        return RectifiedFlow(cfg.flow)
-    if cfg.kind == "ddpm":
-        return DDPM(cfg.ddpm)
-    raise ValueError(f"diffusion.kind={cfg.kind!r}: use flow or ddpm")
+    if cfg.kind not in OBJECTIVES:
+        raise ValueError(f"diffusion.kind={cfg.kind!r}: use {' or '.join(OBJECTIVES)}")
+    return OBJECTIVES[cfg.kind](getattr(cfg, cfg.kind))
+
+
+def check_sampler(kind: str, sampler: str) -> None:
+    """Refuse a sampler the objective does not have before any weights, text or noise are touched
+    (the objective's own check would fire only at its first step, after the rest of the work)."""
+    allowed = OBJECTIVES[kind].SAMPLERS
+    if sampler not in allowed:
+        raise ValueError(f"sampler {sampler!r}: diffusion.kind={kind} samples with {' or '.join(allowed)}")
 
 
 def per_token(values: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
@@ -48,5 +57,6 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
     return uncond + scale * (cond - uncond)
 
 
-__all__ = ["DiffusionConfig", "FlowConfig", "DDPMConfig", "RectifiedFlow", "DDPM", "build_objective", "per_token",
+__all__ = ["DiffusionConfig", "FlowConfig", "DDPMConfig", "RectifiedFlow", "DDPM", "OBJECTIVES", "build_objective",
+           "check_sampler", "per_token",
            "masked_mse_sum", "guided"]

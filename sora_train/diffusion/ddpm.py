@@ -27,6 +27,8 @@ def alphas_cumprod(n: int, schedule: str) -> torch.Tensor:
 
 
 class DDPM:
+    SAMPLERS = ("ddim",)
+
     def __init__(self, cfg: DDPMConfig):
         if cfg.prediction not in ("eps", "v"):
             raise ValueError(f"diffusion.ddpm.prediction={cfg.prediction!r}: use eps or v")
@@ -56,7 +58,7 @@ class DDPM:
 
     def sample(self, predict, x, steps: int, n_tokens: int = 0, solver: str = "ddim") -> torch.Tensor:
         """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps."""
-        if solver != "ddim":
+        if solver not in self.SAMPLERS:
             raise ValueError(f"DDPM sampler {solver!r}: use ddim")
         T = self.cfg.timesteps
         ks = torch.linspace(T - 1, 0, steps).round().long().tolist()

@@ -38,6 +38,8 @@ def shift_time(t: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
 
 
 class RectifiedFlow:
+    SAMPLERS = ("euler", "heun")
+
     def __init__(self, cfg: FlowConfig):
         if cfg.prediction not in ("velocity", "x0"):
             raise ValueError(f"diffusion.flow.prediction={cfg.prediction!r}: use velocity or x0")
@@ -75,13 +77,13 @@ class RectifiedFlow:
 
     def sample(self, predict, x, steps: int, n_tokens: int, solver: str = "euler") -> torch.Tensor:
         """predict(x, t: float) -> network output (guidance applied by the caller). x starts as noise."""
+        if solver not in self.SAMPLERS:
+            raise ValueError(f"flow sampler {solver!r}: use euler or heun")
         ts = self.timesteps(steps, n_tokens)
         for t, t_next in zip(ts[:-1], ts[1:]):
             v = self.velocity(predict(x, t), x, t)
             if solver == "heun" and t_next > 0:
                 x_euler = x + (t_next - t) * v
                 v = 0.5 * (v + self.velocity(predict(x_euler, t_next), x_euler, t_next))
-            elif solver not in ("euler", "heun"):
-                raise ValueError(f"flow sampler {solver!r}: use euler or heun")
             x = x + (t_next - t) * v
         return x
