@@ -46,7 +46,7 @@ def preflight(cfg) -> dict:
         raise ConfigError(f"data.max_per_row={cfg.data.max_per_row} exceeds model.max_segments={cfg.model.max_segments}")
     if cfg.diffusion.kind not in OBJECTIVES:
         raise ConfigError(f"diffusion.kind={cfg.diffusion.kind!r}: use {' or '.join(OBJECTIVES)}")
-    try:  # the run's samples (W&B, the end of training) use it: a typo would surface after the last step
+    try:  # used only when the run samples (logging.sample_*): a typo would surface hours in, or after the last step
         check_sampler(cfg.diffusion.kind, cfg.diffusion.sampler)
     except ValueError as e:
         raise ConfigError(f"diffusion.sampler: {e}") from e
