@@ -58,5 +58,4 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 
 
 __all__ = ["DiffusionConfig", "FlowConfig", "DDPMConfig", "RectifiedFlow", "DDPM", "OBJECTIVES", "build_objective",
-           "check_sampler", "per_token",
-           "masked_mse_sum", "guided"]
+           "check_sampler", "per_token", "masked_mse_sum", "guided"]

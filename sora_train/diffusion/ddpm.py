@@ -59,7 +59,7 @@ class DDPM:
     def sample(self, predict, x, steps: int, n_tokens: int = 0, solver: str = "ddim") -> torch.Tensor:
         """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps."""
         if solver not in self.SAMPLERS:
-            raise ValueError(f"DDPM sampler {solver!r}: use ddim")
+            raise ValueError(f"DDPM sampler {solver!r}: use {' or '.join(self.SAMPLERS)}")
         T = self.cfg.timesteps
         ks = torch.linspace(T - 1, 0, steps).round().long().tolist()
         for i, k in enumerate(ks):

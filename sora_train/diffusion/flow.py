@@ -78,7 +78,7 @@ class RectifiedFlow:
     def sample(self, predict, x, steps: int, n_tokens: int, solver: str = "euler") -> torch.Tensor:
         """predict(x, t: float) -> network output (guidance applied by the caller). x starts as noise."""
         if solver not in self.SAMPLERS:
-            raise ValueError(f"flow sampler {solver!r}: use euler or heun")
+            raise ValueError(f"flow sampler {solver!r}: use {' or '.join(self.SAMPLERS)}")
         ts = self.timesteps(steps, n_tokens)
         for t, t_next in zip(ts[:-1], ts[1:]):
             v = self.velocity(predict(x, t), x, t)
