@@ -29,6 +29,7 @@ from .generate import generate_latents, latent_grid, to_frames, write_videos
 from .models import DiT
 from .models.flops import train_flops
 from .parallel import gather_sequence, init_distributed, parallelize_dit, shard_sequence
+from .parallel.collectives import all_reduce_values
 from .parallel.deepspeed_config import deepspeed_config, use_bf16
 from .preflight import ConfigError, dit_args, preflight
 
@@ -74,10 +75,8 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def agreed(self) -> int:
-        flag = torch.tensor([self.signum])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
+    def agreed(self, device: torch.device) -> int:
+        return int(all_reduce_values([self.signum], device, "max")[0])
 
 
 class Trainer:
@@ -103,15 +102,14 @@ class Trainer:
         noise = torch.randn(batch.tokens.shape, generator=gen)
         x_t, target = self.objective.corrupt(batch.tokens, noise, per_token(t, batch.seg))
         loss = self.loss(x_t, t, target, batch)
-        finite = torch.tensor([float(torch.isfinite(loss.detach().cpu()))])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same branch
-        if not finite.item():
+        finite = all_reduce_values(torch.isfinite(loss.detach()), self.device, "min")[0]  # every rank: one branch
+        if not finite:
             # Drop this micro-batch but keep every rank's collectives in lockstep: backward a zero
             # multiple of the loss on sanitised inputs (finite weights -> exactly zero gradients).
             clean = lambda v: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731
             loss = self.loss(clean(x_t), t, clean(target), batch, clean(batch.text)) * 0.0
         self.engine.backward(loss)
-        return loss.detach(), bool(finite.item())
+        return loss.detach(), bool(finite)
 
     def loss(self, x_t, t, target, batch, text=None) -> torch.Tensor:
         d = self.dims
@@ -139,15 +137,14 @@ class Trainer:
             self.meter.data_s, self.meter.compute_s = self.meter.data_s + t1 - t0, self.meter.compute_s + t2 - t1
             self.meter.optim_s += time.perf_counter() - t2
             all_finite &= finite
-            losses.append(loss.float().cpu())
+            losses.append(loss.float())
             self.record_ids(batch)
             self.meter.add(batch.real_tokens, sum(len(k) for k in batch.keys),
                            train_flops(self.args, batch.seg, batch.text_seg) / self.dims.sp)
         if self.ema is not None:
             self.ema.update(self.step)
-        loss = torch.stack(losses).mean().reshape(1)
-        dist.all_reduce(loss)  # summed over SP (parts of one mean) and DP (then averaged)
-        return {"loss": loss.item() / self.dims.dp, "lr": self.engine.get_lr()[0], "finite": all_finite,
+        loss = all_reduce_values(torch.stack(losses).mean(), self.device)[0]  # SP: parts of one mean; DP: averaged
+        return {"loss": loss / self.dims.dp, "lr": self.engine.get_lr()[0], "finite": all_finite,
                 "grad_norm": float(grad_norm or 0.0)}
 
     def engine_step(self, micro: int) -> float | None:
@@ -196,7 +193,7 @@ class Trainer:
                 self.logger.log(self.step, self.validate())
             if every(self.cfg.logging.sample_every, self.step):
                 self.sample()
-            stop = self.stop.agreed()
+            stop = self.stop.agreed(self.device)
             if every(self.cfg.checkpoint.every, self.step) or self.step == total or stop:
                 self.save()
             if stop:
@@ -212,10 +209,9 @@ class Trainer:
         return self.losses
 
     def stop_on_nonfinite(self) -> None:
-        finite = torch.tensor([float(all(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all()
-                                         for p in self.engine.module.parameters()))])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        saved = self.save() if finite.item() else find_latest(self.ckpt.root)
+        finite = all(bool(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all())
+                     for p in self.engine.module.parameters())
+        saved = self.save() if all_reduce_values([finite], self.device, "min")[0] else find_latest(self.ckpt.root)
         raise FloatingPointError(
             f"{self.bad_steps} consecutive steps had a non-finite loss (step {self.step}); the run stopped. Last good "
             f"state: {saved}. Check the data (data/skipped in the logs) or lower optim.lr; optim.max_bad_steps "
@@ -245,7 +241,7 @@ class Trainer:
         spec = stream_spec(self.cfg, caption_dropout=0.0, epochs=1)
         loader = PackedLoader(self.cfg.data.val, spec, self.dims.dp_rank, self.dims.dp, num_workers=0)
         fixed = list(self.cfg.logging.val_timesteps)
-        totals, n = torch.zeros(1 + len(fixed)), 0
+        totals, n = [0.0] * (1 + len(fixed)), 0
         for i, batch in zip(range(self.cfg.logging.val_batches), loader):
             gen = step_generator(self.cfg.seed, 10**9, i, self.dims.dp_rank)
             t = self.objective.sample_t(batch.grids.prod(-1), gen)
@@ -254,9 +250,8 @@ class Trainer:
             for j, tj in enumerate([t] + [torch.full_like(t, v) for v in fixed]):
                 totals[j] += self.val_loss(batch, noise, tj)
             n += 1
-        stats = torch.cat([totals, torch.tensor([float(n)])])
-        dist.all_reduce(stats)  # every SP member counts the same rows: the ratios are unchanged
-        means = (stats[:-1] / stats[-1].clamp(min=1.0)).tolist()
+        *sums, rows = all_reduce_values([*totals, n], self.device)  # SP members count the same rows: ratios hold
+        means = [s / max(rows, 1.0) for s in sums]
         return {"val/loss": means[0], **{f"val/loss_t{v:g}": m for v, m in zip(fixed, means[1:])}}
 
     def val_loss(self, batch, noise, t) -> float:

@@ -266,3 +266,25 @@ def test_elastic_resume_shrinks_then_grows_the_world(dataset, tmp_path):
     assert sorted(position["done"]["0"]) == list(range(6))
     # Optimizer state carried over both conversions: Adam's step count continues.
     assert adam_steps(out / "checkpoints" / "step_00000016") == {16}
+
+
+# ---- collectives under NCCL: only tensors on the training device --------------------------------
+
+def test_trainer_hands_collectives_only_tensors_built_on_the_training_device(dataset, tmp_path):
+    """NCCL has no CPU backend: a collective on a tensor the trainer built on the host fails on the first GPU
+    step. Through a full run on 2 ranks (SP=2: validation gathers rows; a NaN step: the non-finite agreement;
+    checkpoints; the stop-signal agreement every step), every collective sora_train itself issues must come
+    from the code that builds its tensors on the training device, and be on that device."""
+    out = tmp_path / "probe.json"
+    torchrun(2, [str(ROOT / "tests" / "dist" / "collective_devices.py"), str(out), "2",
+                 *tiny_model(dataset / "shards", tmp_path / "run", **{
+                     "optim.steps": 3, "parallel.sp": 2, "checkpoint.every": 2, "data.val": str(dataset / "shards"),
+                     "logging.val_every": 2, "logging.val_batches": 1, "ema.enabled": True})])
+    probe = json.loads(out.read_text())
+    records = probe["records"]
+    callers = {r["caller"].split(":")[0] for r in records}
+    built_elsewhere = [r for r in records
+                       if r["caller"].split(":")[0] not in ("parallel/collectives.py", "parallel/ulysses.py", "engine/ema.py")]
+    assert not built_elsewhere, built_elsewhere
+    assert {"parallel/collectives.py", "parallel/ulysses.py"} <= callers, callers
+    assert all(r["devices"] == [probe["device"]] for r in records), records

@@ -1,0 +1,87 @@
+"""Every collective the trainer's own code issues, recorded: its caller, function and tensors' devices.
+
+usage: torchrun --nproc_per_node N tests/dist/collective_devices.py OUT_JSON POISON_STEP key=value ...
+NCCL serves only CUDA tensors, so a tensor the trainer hands torch.distributed must be on the training
+device, and must be built where the device is known: parallel/collectives.py (the agreed values),
+parallel/ulysses.py and engine/ema.py (tensors derived from the model's own). On gloo every tensor is on
+the CPU, so the device alone cannot tell a CPU-built tensor from a device one here; the caller can.
+DeepSpeed's collectives (called from deepspeed/) are its own business and are not recorded.
+"""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+warnings.filterwarnings("ignore")
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from sora_train import CONF_DIR  # noqa: E402
+from sora_train.config import register  # noqa: E402
+from sora_train.train import build  # noqa: E402
+
+PACKAGE = Path(__import__("sora_train").__file__).parent
+RECORDS: list[dict] = []
+
+
+def tensors_in(args) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out += [t for t in a if isinstance(t, torch.Tensor)]
+    return out
+
+
+def spy(name: str):
+    real = getattr(dist, name)
+
+    def wrapped(*args, **kwargs):
+        caller = sys._getframe(1)
+        path = Path(caller.f_code.co_filename).resolve()
+        if PACKAGE in path.parents:  # issued by sora_train itself, not by DeepSpeed or torch
+            RECORDS.append({"fn": name, "caller": f"{path.relative_to(PACKAGE)}:{caller.f_lineno}",
+                            "devices": sorted({str(t.device) for t in tensors_in([*args, *kwargs.values()])})})
+        return real(*args, **kwargs)
+
+    setattr(dist, name, wrapped)
+
+
+class Poisoned:
+    """One NaN input at the given step: the non-finite branch and its agreement run too."""
+
+    def __init__(self, loader, step: int, trainer):
+        self.loader, self.poison, self.trainer = loader, step, trainer
+        self.stats, self.state_dict, self.start = loader.stats, loader.state_dict, loader.start
+
+    def __iter__(self):
+        for b in self.loader:
+            if self.trainer.step + 1 == self.poison:
+                b.tokens[0, 0, 0] = float("nan")
+            yield b
+
+
+def main():
+    out, poison = sys.argv[1], int(sys.argv[2])
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+                 "all_to_all_single", "reduce"):
+        spy(name)
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=sys.argv[3:])
+    trainer = build(cfg)
+    trainer.loader = Poisoned(trainer.loader, poison, trainer)
+    try:
+        trainer.train()
+    finally:
+        trainer.logger.close()
+    if trainer.dims.is_main:
+        Path(out).write_text(json.dumps({"device": str(trainer.device), "records": RECORDS}))
+
+
+if __name__ == "__main__":
+    main()
