@@ -28,9 +28,8 @@ from .engine.metrics import MetricLogger, Throughput, device_peak_tflops
 from .generate import generate_latents, latent_grid, to_frames, write_videos
 from .models import DiT
 from .models.flops import train_flops
-from .parallel import gather_sequence, init_distributed, parallelize_dit, shard_sequence
+from .parallel import gather_sequence, init_distributed, parallelize, shard_sequence
 from .parallel.collectives import all_reduce_values
-from .parallel.deepspeed_config import deepspeed_config, use_bf16
 from .preflight import ConfigError, dit_args, preflight
 
 warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)  # torch 2.14 on ZeRO-3 collectives
@@ -40,17 +39,6 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal, resume me (slurm/tra
 
 def every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
-
-
-def lr_lambda(o):
-    def f(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
 
 
 def grads_norm(module: torch.nn.Module) -> float:
@@ -297,35 +285,6 @@ def stream_spec(cfg, **override) -> StreamSpec:
     return StreamSpec(**{**kw, **override})
 
 
-def build_engine(cfg, model, dims, device, load_universal: bool = False):
-    import deepspeed
-
-    o = cfg.optim
-    bf16 = use_bf16(cfg.parallel.precision, device.type == "cuda")
-    if o.name == "muon":
-        # DeepSpeed's Muon (Jordan et al. 2024): orthogonalised momentum on the blocks' matrices, AdamW on
-        # embeddings, biases and norms. DeepSpeed builds it from its config so that ZeRO-3 can gather each
-        # matrix's whole gradient for the Newton-Schulz step; a client Muon would see flat partitions.
-        optimizer, section = None, {"type": "Muon", "params": {
-            "lr": o.lr, "adam_lr": o.lr, "muon_lr": o.muon_lr, "momentum": o.momentum, "betas": list(o.betas),
-            "weight_decay": o.weight_decay,
-            # torch's AdamW for the non-matrix half on CPU: DeepSpeed's FusedAdam would be JIT-built there
-            # first (~140 s measured in the quickstart on 2 cores).
-            "torch_adam": device.type != "cuda"}}
-        schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o))  # noqa: E731  (DeepSpeed calls it)
-    else:
-        optimizer, section = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                               weight_decay=o.weight_decay, fused=device.type == "cuda"), None
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
-    ds_config = deepspeed_config(cfg.parallel, cfg.data.rows, o.grad_accum, dims.dp, o.grad_clip, bf16, section)
-    ds_config["checkpoint"]["load_universal"] = load_universal
-    from .parallel import SequenceParallelMPU
-
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
-                                      mpu=SequenceParallelMPU(dims) if dims.sp > 1 else None)
-    return engine
-
-
 def resume_point(cfg, ckpt_root: Path) -> Path | None:
     if cfg.checkpoint.resume == "never":
         return None
@@ -373,7 +332,6 @@ def build(cfg, loader=None) -> Trainer:
     dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
     device = torch.device(f"cuda:{dims.local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     torch.manual_seed(cfg.seed)
-    model = parallelize_dit(DiT(dit_args(cfg.model)), dims, cfg.parallel.activation_checkpointing)
     ckpt = CheckpointManager(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep_last,
                              dims.rank, dims.world_size)
     src = resume_point(cfg, ckpt.root)
@@ -383,7 +341,9 @@ def build(cfg, loader=None) -> Trainer:
     resharding = saved is not None and saved["world_size"] != dims.world_size
     if resharding:
         ckpt.prepare_resharding(src)
-    engine = build_engine(cfg, model, dims, device, load_universal=resharding)
+    args = dit_args(cfg.model)
+    engine = parallelize(lambda: DiT(args), cfg.parallel, cfg.optim, cfg.data.rows, dims, device,
+                         load_universal=resharding)
     if dims.is_main:
         print(describe_run(cfg, engine, dims, device), flush=True)
     ema = EMA(engine.module, cfg.ema.decay, dims.rank, dims.world_size) if cfg.ema.enabled else None

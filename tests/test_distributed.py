@@ -34,7 +34,7 @@ def runs(dataset, tmp_path_factory):
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
         **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1"], muon_dp2=[*five, "optim.grad_accum=1", *muon],
-                sp2=[*three, "parallel.sp=2"]),
+                sp2=[*three, "parallel.sp=2"], sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"]),
         **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"]),
     }
 
@@ -74,6 +74,16 @@ def test_sequence_parallel_sp2_matches_sp1(runs):
     assert_close(b["grad_norm"], a["grad_norm"])  # Trap: ZeRO-3 reduce_scatter would give half of this
     for name in a["grads_step1"]:
         assert_close(b["grads_step1"][name], a["grads_step1"][name], atol=1e-7)
+    for name in a["params"]:
+        assert_close(b["params"][name], a["params"][name], atol=1e-6)
+
+
+def test_sequence_parallel_at_stage0_clips_and_matches_sp1(runs):
+    # DeepSpeed clips at stage 0 through mpu.get_model_parallel_group(): the SP mpu lacked it and every sp>1 run
+    # with the default optim.grad_clip crashed after its first backward.
+    a, b = runs["single_ga1"], runs["sp2_stage0"]
+    assert_close(b["loss"], a["loss"])
+    assert_close(b["grad_norm"], a["grad_norm"])
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
 
@@ -288,3 +298,21 @@ def test_trainer_hands_collectives_only_tensors_built_on_the_training_device(dat
     assert not built_elsewhere, built_elsewhere
     assert {"parallel/collectives.py", "parallel/ulysses.py"} <= callers, callers
     assert all(r["devices"] == [probe["device"]] for r in records), records
+
+
+# ---- ZeRO-3 at scale: the model is built partitioned -------------------------------------------------
+
+def test_3b_preset_builds_under_zero3_in_under_half_the_model_per_rank(tmp_path):
+    """Under deepspeed.zero.Init every module initialises and partitions its own parameters as it is built: 4 ranks
+    build the 3B preset (13.3 GB of fp32) each holding a quarter, with the peak host memory of each rank while
+    building under half of the whole model, and the adaLN-Zero / output weights exactly zero once gathered.
+    (Built whole on each host, XL alone took 3.99 GiB per rank: tests/dist/zero_init_build.py with stage 0.)"""
+    out = tmp_path / "build.json"
+    torchrun(4, [str(ROOT / "tests" / "dist" / "zero_init_build.py"), str(out), "3", "model=3B"], timeout=400)
+    reports = json.loads(out.read_text())
+    full_bytes = reports[0]["total"] * 4
+    assert reports[0]["total"] > 3e9
+    for r in reports:
+        assert r["held"] * 4 == pytest.approx(r["total"], rel=1e-3), r  # a quarter each (padding aside)
+        assert r["peak_after"] < full_bytes / 2, (r, full_bytes)
+        assert r["closed"] is True, r

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import build_attention
-from .layers import CrossAttention, FractionalPositions, Mlp, RoPE3D, SelfAttention, TimestepEmbedder, modulate
+from .layers import CrossAttention, FractionalPositions, Linear, Mlp, RoPE3D, SelfAttention, TimestepEmbedder, modulate
 
 
 @dataclass
@@ -75,7 +75,7 @@ class DiTBlock(nn.Module):
             self.cross_attn = CrossAttention(a.dim, a.heads, a.qk_norm, a.eps)
         self.norm3 = nn.LayerNorm(a.dim, elementwise_affine=False, eps=a.eps)
         self.mlp = Mlp(a.dim, int(a.dim * a.mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 6 * a.dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(a.dim, 6 * a.dim, init="zeros"))  # adaLN-Zero
 
     def forward(self, x, c, sample_of_token, rope, attention, self_mask, text, cross_attention, cross_mask):
         # x [B,S,D]; c [B,M,D] per-sample conditioning; sample_of_token [B,S] index into M
@@ -91,8 +91,8 @@ class FinalLayer(nn.Module):
     def __init__(self, a: DiTArgs):
         super().__init__()
         self.norm_final = nn.LayerNorm(a.dim, elementwise_affine=False, eps=a.eps)
-        self.linear = nn.Linear(a.dim, a.patch_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 2 * a.dim))
+        self.linear = Linear(a.dim, a.patch_dim, init="zeros")
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(a.dim, 2 * a.dim, init="zeros"))
 
     def forward(self, x, c, sample_of_token):
         shift, scale = to_tokens(self.adaLN_modulation(c), sample_of_token).chunk(2, -1)
@@ -104,14 +104,14 @@ class DiT(nn.Module):
         super().__init__()
         args.validate()
         self.args = args
-        self.x_embedder = nn.Linear(args.patch_dim, args.dim)
+        self.x_embedder = Linear(args.patch_dim, args.dim)
         self.t_embedder = TimestepEmbedder(args.dim, args.freq_dim)
         if args.cross_attention:
-            self.y_embedder = nn.Sequential(nn.Linear(args.text_dim, args.dim), nn.GELU(approximate="tanh"),
-                                            nn.Linear(args.dim, args.dim))
+            self.y_embedder = nn.Sequential(Linear(args.text_dim, args.dim), nn.GELU(approximate="tanh"),
+                                            Linear(args.dim, args.dim))
             if args.pooled_text:
-                self.pooled_embedder = nn.Sequential(nn.Linear(args.text_dim, args.dim), nn.SiLU(),
-                                                     nn.Linear(args.dim, args.dim))
+                self.pooled_embedder = nn.Sequential(Linear(args.text_dim, args.dim), nn.SiLU(),
+                                                     Linear(args.dim, args.dim))
         self.rope = RoPE3D(args.dim // args.heads, args.rope_theta)
         if args.frac_pos:
             self.pos_embedder = FractionalPositions(args.dim, args.frac_pos_joint)
@@ -121,23 +121,6 @@ class DiT(nn.Module):
         self.attention = build_attention(args.attention, args.max_segments)
         self.cross_attention = build_attention("sdpa" if args.attention == "flex" else args.attention,
                                                args.max_segments)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        def xavier(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-        self.apply(xavier)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for p in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(p.weight)
-            nn.init.zeros_(p.bias)
 
     def forward(self, x, t, pos, seg, text=None, text_seg=None, extent=None):
         """x [B,S,patch_dim] noisy patches; t [B,M] per-sample time in [0,1]; pos [B,S,3]; seg [B,S]

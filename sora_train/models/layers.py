@@ -10,6 +10,30 @@ import torch
 from torch import nn
 
 
+class Linear(nn.Linear):
+    """nn.Linear initialised as it is built: "xavier" (DiT's default), "zeros" (adaLN-Zero's modulation and the
+    final projection: every residual branch and the output start closed) or "normal" (std 0.02, the timestep
+    MLP). Each module initialises its own parameters because under ZeRO-3's `deepspeed.zero.Init` a module's
+    parameters are partitioned as soon as its own __init__ returns: an init over the whole tree afterwards
+    would write into empty placeholders. Biases start at zero."""
+
+    def __init__(self, in_features: int, out_features: int, init: str = "xavier"):
+        if init not in ("xavier", "zeros", "normal"):
+            raise ValueError(f"Linear init {init!r}: use xavier, zeros or normal")
+        object.__setattr__(self, "init", init)  # read by reset_parameters, which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.init == "xavier":
+            nn.init.xavier_uniform_(self.weight)
+        elif self.init == "normal":
+            nn.init.normal_(self.weight, std=0.02)
+        else:
+            nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -20,7 +44,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim, init="normal"), nn.SiLU(), Linear(dim, dim, init="normal"))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
@@ -47,7 +71,7 @@ class FractionalPositions(nn.Module):
     def __init__(self, dim: int, joint: bool = False):
         super().__init__()
         self.register_buffer("waves", self.wave_vectors(joint), persistent=False)  # [F,3]
-        self.proj = nn.Linear(2 * len(self.waves), dim)
+        self.proj = Linear(2 * len(self.waves), dim)
 
     @classmethod
     def wave_vectors(cls, joint: bool) -> torch.Tensor:
@@ -106,10 +130,10 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x, rope, attention, mask):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # [B,S,H,D] each
@@ -123,11 +147,11 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x, text, attention, mask):
         q = self.q_norm(self.q(x).unflatten(-1, (self.heads, self.head_dim)))  # [B,S,H,D]
@@ -138,7 +162,7 @@ class CrossAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

@@ -1,11 +1,16 @@
-"""Parallelism applied to a plain DiT from outside, in one ordered function (Ulysses -> checkpointing);
-ZeRO-3 comes last, from deepspeed.initialize."""
+"""Parallelism applied to a plain DiT from outside, in one ordered function: Ulysses -> activation
+checkpointing -> compile (when asked) -> the DeepSpeed engine (ZeRO). Under ZeRO-3 the model is built inside
+`deepspeed.zero.Init`, so no rank ever holds the whole model on its host."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .deepspeed_config import ParallelConfig, deepspeed_config, use_bf16
 from .dims import ParallelConfigError, ParallelDims, SequenceParallelMPU, check_degrees, init_distributed
 from .ulysses import UlyssesAttention, gather_sequence, shard_sequence
 
@@ -17,14 +22,52 @@ def checkpoint_module(module: nn.Module) -> None:
     module.forward = lambda *args: checkpoint(inner, *args, use_reentrant=False)
 
 
-def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointing: bool) -> nn.Module:
+def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointing: bool,
+                    compile_blocks: bool = False) -> nn.Module:
     if dims.sp > 1:
         model.attention = UlyssesAttention(model.attention, dims.sp_group)
-    if activation_checkpointing:
-        for block in model.blocks:
+    for block in model.blocks:
+        if activation_checkpointing:
             checkpoint_module(block)
+        if compile_blocks:  # after checkpointing: the compiled region is the recomputed one
+            block.compile()
     return model
 
 
-__all__ = ["ParallelConfigError", "ParallelDims", "SequenceParallelMPU", "check_degrees", "init_distributed",
-           "UlyssesAttention", "gather_sequence", "shard_sequence", "parallelize_dit", "checkpoint_module"]
+def build_partitioned(build_model: Callable[[], nn.Module], ds_config: dict, mpu=None) -> nn.Module:
+    """Builds the model; at ZeRO stage 3 inside `deepspeed.zero.Init`, partitioned over the whole world as the
+    engine's ZeRO-3 partitions it (the SP mpu's sequence-data-parallel group). Each module initialises its own
+    parameters (models/layers.py: Linear) and zero.Init partitions them as that module's __init__ returns: a
+    rank's host holds its shard plus one module at a time, never the whole model."""
+    import deepspeed
+    import torch._dynamo  # noqa: F401  first imported inside zero.Init (its patched Tensor.__new__), it raises
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu,
+                             enabled=ds_config["zero_optimization"]["stage"] == 3):
+        return build_model()
+
+
+def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micro_rows: int, dims: ParallelDims,
+                device: torch.device, load_universal: bool = False):
+    """Builds the model and wraps it, in order, into a DeepSpeed engine. `o` is the optim config (the
+    optimizer, its schedule and clipping are part of the engine); micro_rows the packed rows per micro-batch."""
+    import deepspeed
+
+    from ..engine.optim import build_optimizer, deepspeed_optimizer_section
+
+    cuda = device.type == "cuda"
+    ds_config = deepspeed_config(p, micro_rows, o.grad_accum, dims.dp, o.grad_clip, use_bf16(p.precision, cuda),
+                                 deepspeed_optimizer_section(o, cuda))
+    ds_config["checkpoint"]["load_universal"] = load_universal
+    mpu = SequenceParallelMPU(dims) if dims.sp > 1 else None
+    model = parallelize_dit(build_partitioned(build_model, ds_config, mpu), dims, p.activation_checkpointing,
+                            p.compile)
+    optimizer, schedule = build_optimizer(o, model, cuda)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+                                      mpu=mpu)
+    return engine
+
+
+__all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims", "SequenceParallelMPU", "check_degrees",
+           "init_distributed", "UlyssesAttention", "gather_sequence", "shard_sequence", "parallelize_dit",
+           "parallelize", "build_partitioned", "checkpoint_module"]

@@ -11,6 +11,7 @@ class ParallelConfig:
     zero_stage: int = 3
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (after activation checkpointing, before the engine)
     overlap_comm: bool = True
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 50_000_000

@@ -38,6 +38,7 @@ class ParallelDims:
     sp: int
     sp_group: object = field(default=None, repr=False)
     dp_group: object = field(default=None, repr=False)
+    self_group: object = field(default=None, repr=False)  # this rank alone: DeepSpeed's "model-parallel" group
 
     @property
     def dp(self) -> int:
@@ -65,6 +66,8 @@ class ParallelDims:
             g = dist.new_group(list(range(s, self.world_size, self.sp)))
             if s == self.sp_rank:
                 self.dp_group = g
+        # Only the member takes part in creating its own one-rank group: no world-sized loop of new_group calls.
+        self.self_group = dist.new_group([self.rank], use_local_synchronization=True)
 
 
 class SequenceParallelMPU:
@@ -94,6 +97,9 @@ class SequenceParallelMPU:
     def get_pipeline_model_parallel_rank(self): return 0
     def get_model_parallel_world_size(self): return 1
     def get_model_parallel_rank(self): return 0
+    # Gradient clipping at ZeRO stage 0 sums the norm over this group: every rank holds whole gradients (reduced
+    # over the world), so the group is the rank itself. Without it, any sp>1 run with clipping crashed at step 1.
+    def get_model_parallel_group(self): return self.d.self_group
 
 
 def init_distributed(sp: int, timeout_s: float = 600.0) -> ParallelDims:
