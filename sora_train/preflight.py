@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from .data import check_manifest, list_shards, load_manifest
 from .diffusion import OBJECTIVES, check_sampler
 from .models import VARLEN_KERNELS, DiTArgs, build_attention, count_params
@@ -69,6 +71,9 @@ def preflight(cfg) -> dict:
                           f"or parallel.zero_stage=0")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0-3")
+    if OmegaConf.is_missing(cfg.data, "train"):
+        raise ConfigError("data.train is not set: give the training shards (a directory, a brace pattern or pipe: "
+                          "commands), e.g. data.train=/data/shards")
     try:
         list_shards(cfg.data.train)
         if cfg.data.val:
@@ -88,8 +93,6 @@ def preflight(cfg) -> dict:
         probe.write_text("ok")
         probe.unlink()
         if int(os.environ.get("RANK", 0)) == 0:
-            from omegaconf import OmegaConf
-
             (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     except OSError as e:
         raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from e

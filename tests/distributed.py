@@ -45,11 +45,11 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = Tr
 
 def tiny_model(shards: Path, out: Path, **extra) -> list[str]:
     """Overrides for a small, fast model on the test dataset."""
-    kv = {"data.train": str(shards), "model.dim": 48, "model.depth": 2, "model.heads": 4, "data.seq_len": 256,
+    kv = {"model": "tiny", "data.train": str(shards), "model.dim": 48, "model.depth": 2, "model.heads": 4, "data.seq_len": 256,
           "data.text_len": 64, "data.max_per_row": 16, "data.lookahead": 8, "data.num_workers": 0,
           "optim.warmup_steps": 2, "optim.decay": "constant", "optim.lr": 1e-3, "optim.name": "adamw", "logging.wandb.mode": "disabled",
           "logging.every": 1, "out_dir": str(out), "checkpoint.every": 0, "ema.enabled": False,
-          "parallel.zero_stage": 3, "diffusion": "flow", **extra}
+          "parallel.zero_stage": 3, "parallel.activation_checkpointing": False, "diffusion": "flow", **extra}
     return [f"{k}={v}" for k, v in kv.items()]
 
 

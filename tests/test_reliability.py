@@ -126,6 +126,7 @@ def test_too_many_nonfinite_steps_stop_after_saving_the_last_good_state(dataset,
 # ---- bad configuration: refused before any process group or data work -------------------------
 
 def compose(*overrides):
+    """The quickstart experiment (CPU, tiny model) with the overrides."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     from sora_train import CONF_DIR
@@ -133,7 +134,7 @@ def compose(*overrides):
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
+        return hydra_compose("train", overrides=["experiment=quickstart", *overrides])
 
 
 @pytest.mark.parametrize("override,message", [
@@ -196,7 +197,8 @@ def test_sp_must_divide_the_world_size(dataset, tmp_path):
 
 def test_unwritable_out_dir_and_unknown_preset_fail_from_the_cli(dataset, tmp_path):
     (tmp_path / "file").write_text("x")
-    r = subprocess.run([sys.executable, *TRAIN, f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}/file/run"],
+    r = subprocess.run([sys.executable, *TRAIN, "experiment=quickstart", f"data.train={dataset / 'shards'}",
+                        f"out_dir={tmp_path}/file/run"],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "out_dir=" in r.stderr and "not writable" in r.stderr
     assert "init_distributed" not in r.stderr  # refused before any process group

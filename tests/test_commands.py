@@ -1,0 +1,80 @@
+"""Every training command line the README, launch/ and slurm/ give runs what it says: it composes, passes
+preflight at its world size, and gets the parallelism, model and schedule it names (not the quickstart's)."""
+
+import json
+import re
+import shutil
+from collections import namedtuple
+
+import pytest
+
+from distributed import ROOT
+
+Command = namedtuple("Command", "source world overrides")
+
+
+def training_commands() -> list[Command]:
+    """sora-train / launch/torchrun.sh N / sbatch [--nodes=K] slurm/train.sbatch lines, with their world size."""
+    per_node = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", (ROOT / "slurm" / "train.sbatch").read_text())[1])
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "launch").glob("*.sh")), *sorted((ROOT / "slurm").glob("*.sbatch"))]:
+        for line in path.read_text().splitlines():
+            line = line.split(" # ")[0].split("`")[0]
+            if m := re.search(r"(?:^|\s)sora-train\s+(.+)", line):
+                found.append(Command(path.name, 1, m[1].split()))
+            elif m := re.search(r"launch/torchrun\.sh\s+(\d+)\s+(.+)", line):
+                found.append(Command(path.name, int(m[1]), m[2].split()))
+            elif m := re.search(r"sbatch\s+(?:--nodes=(\d+)\s+)?slurm/train\.sbatch\s+(.+)", line):
+                found.append(Command(path.name, int(m[1] or 1) * per_node, m[2].split()))
+    return found
+
+
+def fake_shards(root, channels: int, text_dim: int):
+    """A shard directory whose manifest fits the model (preflight reads the manifest, not the samples)."""
+    d = root / f"shards_{channels}_{text_dim}"
+    d.mkdir(exist_ok=True)
+    (d / "shard-000000.tar").write_bytes(b"")
+    (d / "manifest.json").write_text(json.dumps({
+        "codec": {"name": "video_vae", "latent_channels": channels}, "patch_size": [1, 2, 2],
+        "text_encoder": {"name": "t5", "width": text_dim}, "shards": []}))
+    return d
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from sora_train import CONF_DIR
+    from sora_train.config import register
+
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def test_the_commands_are_found():
+    sources = {c.source for c in training_commands()}
+    assert {"README.md", "torchrun.sh", "train.sbatch"} <= sources, sources
+
+
+@pytest.mark.parametrize("command", training_commands(), ids=lambda c: f"{c.source}:{' '.join(c.overrides)}")
+def test_each_training_command_composes_passes_preflight_and_runs_what_it_names(command, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from sora_train.preflight import preflight
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 50, 0, 1 << 50))
+    monkeypatch.setenv("WORLD_SIZE", str(command.world))
+    named = dict(o.split("=", 1) for o in command.overrides)
+    probe = compose(command.overrides)
+    data = fake_shards(tmp_path, probe.model.in_channels, probe.model.text_dim)
+    overrides = [o for o in command.overrides if not o.startswith(("data.train=", "data.val="))]
+    cfg = compose([*overrides, f"data.train={data}", f"out_dir={tmp_path / 'run'}"])
+    preflight(cfg)
+    for key, value in named.items():
+        if "." in key and not key.startswith(("data.train", "data.val")):
+            assert str(OmegaConf.select(cfg, key)) == value, (key, value)
+    if "experiment" not in named:  # a cluster command: the pretraining setup, not the CPU quickstart's
+        assert cfg.parallel.zero_stage == 3 and cfg.optim.name == "adamw" and cfg.optim.steps >= 100_000, command
+        assert cfg.model.name == named.get("model", "1B")
+        if "parallel" in named:
+            assert cfg.parallel.sp == int(named.get("parallel.sp", cfg.parallel.sp)) > 1
