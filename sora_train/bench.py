@@ -1,6 +1,7 @@
 """sora-bench: how fast a preset goes on this device, and how well the loader packs.
 
-  sora-bench model --model XL --seq-len 16384 65536 --attention sdpa flex varlen --ac both
+  sora-bench model --model 1B --seq-len 65536 --ac on        (the training step users get: Trainer.train_step)
+  sora-bench model --model XL --seq-len 16384 65536 --attention sdpa flex varlen --ac both --bare
   sora-bench packing --data data/bench/shards --seq-len 8192
   sora-bench model --model 30B --params-only
   sora-bench attention --seq-len 4096 16384 --attention sdpa flex varlen   (numerics vs a float32 reference, speed)
@@ -23,16 +24,46 @@ import torch
 from . import CONF_DIR
 
 
-def load_preset(name: str, overrides: list[str] = ()) -> "DiTArgs":  # noqa: F821
+def train_config(name: str, overrides: list[str] = ()):
     from hydra import compose, initialize_config_dir
 
     from .config import register
-    from .preflight import dit_args
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}", *overrides])
-    return dit_args(cfg.model)
+        return compose("train", overrides=[f"model={name}", *overrides])
+
+
+def load_preset(name: str, overrides: list[str] = ()) -> "DiTArgs":  # noqa: F821
+    from .preflight import dit_args
+
+    return dit_args(train_config(name, overrides).model)
+
+
+class SyntheticPackedLoader:
+    """Stands in for the shard loader: the same packed rows (random latents and captions, a realistic mix of
+    sample lengths from synthetic_packed_batch) again and again, built once, so the bench times the step."""
+
+    def __init__(self, args, seq_len: int, rows: int, text_len: int = 64, seed: int = 0):
+        from .data import PackedBatch
+
+        seg, tseg, _ = synthetic_packed_batch(args, seq_len, rows, (seq_len // 16, seq_len // 3), text_len, seed)
+        g = torch.Generator().manual_seed(seed)
+        pos = torch.zeros(rows, seq_len, 3, dtype=torch.long)
+        grids = torch.zeros(rows, args.max_segments, 3, dtype=torch.long)
+        for r in range(rows):  # each sample laid out as a 1 x 1 x n grid: positions and extents agree
+            for j in range(1, int(seg[r].max()) + 1):
+                idx = (seg[r] == j).nonzero().squeeze(1)
+                pos[r, idx, 2] = torch.arange(len(idx))
+                grids[r, j - 1] = torch.tensor([1, 1, len(idx)])
+        self.batch = PackedBatch(
+            tokens=torch.randn(rows, seq_len, args.patch_dim, generator=g), pos=pos, seg=seg,
+            text=torch.randn(rows, tseg.shape[1], args.text_dim, generator=g), text_seg=tseg, grids=grids,
+            keys=[[f"synthetic-{j}" for j in range(int(s.max()))] for s in seg])
+
+    def __iter__(self):
+        while True:
+            yield self.batch
 
 
 def synthetic_packed_batch(args, seq_len: int, rows: int, sample_tokens: tuple[int, int], text_len: int, seed=0):
@@ -56,10 +87,79 @@ def synthetic_packed_batch(args, seq_len: int, rows: int, sample_tokens: tuple[i
     return seg, tseg, pos[None].expand(rows, -1, -1)
 
 
-def bench_model(args, seq_len: int, rows: int, attention: str, ac: bool, steps: int, warmup: int, device,
-                peak: float | None, profile: str | None = None) -> dict:
+def timed(step, steps: int, warmup: int, device) -> float:
+    """Median seconds of `step` over `steps` calls after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, attention: str, ac: bool, steps: int,
+                  warmup: int, peak: float | None, profile: str | None = None) -> dict:
+    """The training step users get: `train.build()` (the DeepSpeed engine with the config's ZeRO stage,
+    precision and optimizer, EMA on) fed by SyntheticPackedLoader, timed through `Trainer.train_step`."""
+    import tempfile
+
+    from .models.flops import achieved, train_flops
+    from .train import build
+
+    out = tempfile.mkdtemp(prefix="sora_bench_")
+    cfg = train_config(name, [*overrides, f"data.seq_len={seq_len}", f"data.rows={rows}", f"model.attention={attention}",
+                              f"parallel.activation_checkpointing={ac}", "ema.enabled=true", "data.train=synthetic",
+                              "logging.wandb.mode=disabled", f"out_dir={out}"])
+    from .preflight import dit_args
+
+    args = dit_args(cfg.model)
+    loader = SyntheticPackedLoader(args, seq_len, rows)
+    trainer = build(cfg, loader=loader)
+    device, batches = trainer.device, iter(loader)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    dt = timed(lambda: trainer.train_step(batches), steps, warmup, device)
+    if profile:
+        write_profile(lambda: trainer.train_step(batches), device, profile)
+    b = loader.batch
+    flops = train_flops(args, b.seg, b.text_seg) * cfg.optim.grad_accum / trainer.dims.sp
+    res = {"path": "trainer", "params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters()),
+           "seq_len": seq_len, "rows": rows, "attention": attention,
+           "kernel": kernel_name(build_kernel_probe(attention, args), attention, device, trainer.dtype, b.seg.to(device)),
+           "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac,
+           "zero_stage": cfg.parallel.zero_stage, "optimizer": cfg.optim.name, "dtype": str(trainer.dtype),
+           "step_s": dt, "tokens_per_s": b.real_tokens * cfg.optim.grad_accum / dt, **achieved(flops, dt, peak),
+           "device": device_name(device)}
+    if device.type == "cuda":
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    trainer.logger.close()
+    del trainer
+    release(device)
+    return res
+
+
+def build_kernel_probe(attention: str, args):
+    from .models import build_attention
+
+    return build_attention(attention, args.max_segments)
+
+
+def release(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_bare(args, seq_len: int, rows: int, attention: str, ac: bool, steps: int, warmup: int, device,
+               peak: float | None, profile: str | None = None) -> dict:
+    """The model alone (plain AdamW, no engine, loader or EMA): for attention and kernel work."""
     from .models import DiT
-    from .models.flops import train_flops
+    from .models.flops import achieved, train_flops
     from .parallel import checkpoint_module
 
     args = type(args)(**{**args.__dict__, "attention": attention})
@@ -85,23 +185,13 @@ def bench_model(args, seq_len: int, rows: int, attention: str, ac: bool, steps: 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    dt = timed(step, steps, warmup, device)
     if profile:
         write_profile(step, device, profile)
-    dt = statistics.median(times)
-    res = {"params": sum(p.numel() for p in model.parameters()), "seq_len": seq_len, "rows": rows,
+    res = {"path": "bare", "params": sum(p.numel() for p in model.parameters()), "seq_len": seq_len, "rows": rows,
            "attention": attention, "kernel": kernel_name(model.attention, attention, device, dtype, seg),
            "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac, "step_s": dt,
-           "tokens_per_s": int((seg > 0).sum()) / dt, "tflops": flops / dt / 1e12, "device": device_name(device)}
-    if peak:
-        res["mfu"] = res["tflops"] / peak
+           "tokens_per_s": int((seg > 0).sum()) / dt, **achieved(flops, dt, peak), "device": device_name(device)}
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
@@ -243,6 +333,8 @@ def main(argv=None) -> None:
     pm.add_argument("--params-only", action="store_true")
     pm.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. model.depth=4")
     pm.add_argument("--profile", default=None, help="write a torch.profiler table of one more step (last config)")
+    pm.add_argument("--bare", action="store_true",
+                    help="the model alone with plain AdamW (no DeepSpeed engine, loader or EMA): kernel work")
     pa = sub.add_parser("attention")
     pa.add_argument("--seq-len", type=int, nargs="+", default=[4096])
     pa.add_argument("--attention", nargs="+", default=["sdpa", "flex", "varlen"])
@@ -291,8 +383,8 @@ def run(a) -> list[dict]:
             s, a.heads, a.head_dim, a.text_len, a.attention, a.steps, device, check=not a.no_check,
             segment_tokens=a.segment_tokens)]
     else:
-        from .engine.metrics import device_peak_tflops
         from .models import count_params
+        from .models.flops import device_peak_tflops
 
         args = load_preset(a.model, a.override)
         if a.params_only:
@@ -307,7 +399,9 @@ def run(a) -> list[dict]:
                 for attn in a.attention:
                     for ac in acs:
                         try:
-                            r = bench_model(args, s, a.rows, attn, ac, a.steps, a.warmup, device, peak, a.profile)
+                            r = (bench_bare(args, s, a.rows, attn, ac, a.steps, a.warmup, device, peak, a.profile)
+                                 if a.bare else bench_trainer(a.model, a.override, s, a.rows, attn, ac, a.steps,
+                                                              a.warmup, peak, a.profile))
                         except (RuntimeError, NotImplementedError, ValueError) as e:  # OOM, backend not here
                             r = {"seq_len": s, "attention": attn, "activation_checkpointing": ac, "error": str(e)[:200]}
                         results.append({"model": a.model, **r, "sdpa_backend": a.sdpa_backend or "auto"})

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .data import check_manifest, list_shards, load_manifest
+from .data.stream import check_readers
 from .diffusion import OBJECTIVES, check_sampler
 from .models import VARLEN_KERNELS, DiTArgs, build_attention, count_params
 from .parallel import check_degrees
@@ -32,8 +33,9 @@ def checkpoint_bytes(params: int, zero_stage: int) -> int:
     return params * 18
 
 
-def preflight(cfg) -> dict:
-    """Returns the dataset manifest (or None for pipe: sources without one)."""
+def preflight(cfg, check_data: bool = True) -> dict | None:
+    """Returns the dataset manifest (or None for pipe: sources without one, or with check_data=False: a caller
+    that feeds its own batches, as sora-bench does)."""
     args = dit_args(cfg.model)
     try:
         args.validate()
@@ -71,21 +73,7 @@ def preflight(cfg) -> dict:
                           f"or parallel.zero_stage=0")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0-3")
-    if OmegaConf.is_missing(cfg.data, "train"):
-        raise ConfigError("data.train is not set: give the training shards (a directory, a brace pattern or pipe: "
-                          "commands), e.g. data.train=/data/shards")
-    try:
-        list_shards(cfg.data.train)
-        if cfg.data.val:
-            list_shards(cfg.data.val)
-    except FileNotFoundError as e:
-        raise ConfigError(f"data.train / data.val: {e}") from e
-    manifest = load_manifest(cfg.data.train)
-    if manifest is not None:
-        try:
-            check_manifest(manifest, cfg.model.in_channels, cfg.model.text_dim, tuple(cfg.model.patch_size))
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    manifest = check_data_sources(cfg, world // max(cfg.parallel.sp, 1)) if check_data else None
     out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -103,4 +91,29 @@ def preflight(cfg) -> dict:
     if free < need_gb * 1e9:
         raise ConfigError(f"checkpoint.dir={str(ckpt_dir)!r} has {free / 1e9:.1f} GB free; one checkpoint needs "
                           f"~{need_gb:.1f} GB (model.{cfg.model.name}: ~{math.ceil(need / 18 / 1e6)}M params)")
+    return manifest
+
+
+def check_data_sources(cfg, dp: int) -> dict | None:
+    """The training/validation shards exist, are enough for every reader of `dp` ranks, and were encoded for this
+    model; returns the manifest."""
+    if OmegaConf.is_missing(cfg.data, "train"):
+        raise ConfigError("data.train is not set: give the training shards (a directory, a brace pattern or pipe: "
+                          "commands), e.g. data.train=/data/shards")
+    try:
+        shards = list_shards(cfg.data.train)
+        if cfg.data.val:
+            list_shards(cfg.data.val)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.train / data.val: {e}") from e
+    try:
+        check_readers(len(shards), dp, cfg.data.num_workers)
+    except ValueError as e:
+        raise ConfigError(f"data.train: {e}") from e
+    manifest = load_manifest(cfg.data.train)
+    if manifest is not None:
+        try:
+            check_manifest(manifest, cfg.model.in_channels, cfg.model.text_dim, tuple(cfg.model.patch_size))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     return manifest

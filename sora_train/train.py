@@ -20,14 +20,15 @@ import torch.distributed as dist
 from . import CONF_DIR
 from .codecs import codec_from_manifest_name
 from .config import register, saved_model_config, to_container
-from .data import PackedLoader, StreamPosition, StreamSpec
+from .data import DataQualityError, PackedLoader, StreamPosition, StreamSpec
+from .data.stream import NoUsableSamples
 from .diffusion import build_objective, masked_mse_sum, per_token
 from .engine.checkpoint import CheckpointManager, find_latest
 from .engine.ema import EMA
-from .engine.metrics import MetricLogger, Throughput, device_peak_tflops
+from .engine.metrics import MetricLogger, Throughput
 from .generate import generate_latents, latent_grid, to_frames, write_videos
 from .models import DiT
-from .models.flops import train_flops
+from .models.flops import device_peak_tflops, train_flops
 from .parallel import gather_sequence, init_distributed, parallelize, shard_sequence
 from .parallel.collectives import all_reduce_values
 from .preflight import ConfigError, dit_args, preflight
@@ -328,7 +329,7 @@ def describe_run(cfg, engine, dims, device) -> str:
 
 def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (tests feed fixed batches)."""
-    manifest = preflight(cfg)  # refuses bad config before any process group or data work
+    manifest = preflight(cfg, check_data=loader is None)  # refuses bad config before any process group or data work
     dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
     device = torch.device(f"cuda:{dims.local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     torch.manual_seed(cfg.seed)
@@ -380,6 +381,8 @@ def main(cfg) -> None:
         run(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except (DataQualityError, NoUsableSamples) as e:
+        sys.exit(f"data error: {e}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def env() -> dict:
     # TORCHDYNAMO_DISABLE: DeepSpeed compiles Muon's update per matrix shape, ~30 s per process on 2 cores,
     # in every Muon run; these tests compare runs with each other, not the compiler. The quickstart's
     # compiled path keeps its own test (test_stage0_muon_run_resumes_exactly_exports_and_samples_without_ema).
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1",
+    e = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1",
              PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", TORCHDYNAMO_DISABLE="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # each job picks its own
         e.pop(k, None)

@@ -249,3 +249,47 @@ def test_synthetic_radius_range_sets_the_drawn_shape_size(tmp_path):
         background = np.median(frames[:, 0].reshape(-1, 3), 0)
         areas[lo] = (np.abs(frames[1].astype(float) - background).sum(-1) > 60).mean()
     assert 2.5 < areas[0.3] / areas[0.16] < 4.5  # area ~ radius^2: (0.3 / 0.16)^2 = 3.5
+
+
+class Hung(Exception):
+    pass
+
+
+def within(seconds: int, fn):
+    """fn() or Hung after `seconds` (a hang is a failure, not a test that never ends)."""
+    import signal
+
+    def alarm(signum, frame):
+        raise Hung(f"no answer in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_budget_no_sample_fits_fails_fast_naming_the_cause(dataset):
+    """Every sample over data.seq_len (skipped): the endless stream used to loop over epochs forever."""
+    from dataclasses import replace
+
+    from sora_train.data.stream import NoUsableSamples
+
+    spec = replace(SPEC, seq_len=16, epochs=None, oversize="skip")
+    with pytest.raises(NoUsableSamples, match=r"none of the \d+ samples of epoch 0.*exceed the budget of 16.*data.seq_len"):
+        within(60, lambda: next(iter(PackedLoader(str(dataset / "shards"), spec))))
+
+
+def test_fewer_shards_than_readers_is_refused_naming_both_counts(dataset, tmp_path):
+    """1 shard on 2 data-parallel ranks: the rank without a shard used to wait for a first batch forever."""
+    from dataclasses import replace
+
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "shard-000000.tar").symlink_to(dataset / "shards" / "shard-000000.tar")
+    spec = replace(SPEC, epochs=None)
+    with pytest.raises(ValueError, match=r"1 shard\(s\) for 2 readers \(data-parallel size 2 x data.num_workers=1\)"):
+        within(60, lambda: next(iter(PackedLoader(str(one), spec, dp_rank=1, dp_size=2))))
+    assert next(iter(PackedLoader(str(one), spec, dp_rank=0, dp_size=1))).real_tokens > 0  # alone it is enough

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from .packing import PackedBatch
 from .position import StreamPosition
 from .shards import fingerprint, list_shards
-from .stream import PackedStream, StreamSpec
+from .stream import PackedStream, StreamSpec, check_readers
 
 
 class DataQualityError(RuntimeError):
@@ -41,6 +41,8 @@ class PackedLoader:
         self.urls = list_shards(sources)
         self.spec, self.dp_rank, self.dp_size = spec, dp_rank, dp_size
         self.workers = max(num_workers, 1)
+        if spec.epochs is None:  # a finite pass (validation) may leave a reader without a shard: it yields nothing
+            check_readers(len(self.urls), dp_size, num_workers)
         self.max_bad_fraction, self.min_reads = max_bad_fraction, min_reads_for_check
         dataset_id = fingerprint(self.urls)
         if position is None:

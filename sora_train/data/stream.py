@@ -49,6 +49,20 @@ def read_shard(url: str, on_error) -> list[dict]:
     return list(wds.tarfile_to_samples(handler=handler)([{"url": url}]))
 
 
+class NoUsableSamples(RuntimeError):
+    """A reader went through a whole epoch of its shards without one sample it could train on."""
+
+
+def check_readers(n_shards: int, dp_size: int, workers: int) -> None:
+    """An endless stream needs a shard for every reader (data-parallel rank x loader worker): a reader with none
+    would wait forever for a first batch while the other ranks block in their first collective."""
+    readers = dp_size * max(workers, 1)
+    if n_shards < readers:
+        raise ValueError(f"{n_shards} shard(s) for {readers} readers (data-parallel size {dp_size} x data.num_workers="
+                         f"{max(workers, 1)}): every reader needs at least one shard. Lower data.num_workers, or "
+                         f"re-encode with more, smaller shards (sora-encode --clips-per-shard)")
+
+
 class PackedStream(IterableDataset):
     def __init__(self, urls: list[str], spec: StreamSpec, dp_rank: int, dp_size: int, position: StreamPosition):
         self.urls, self.spec, self.dp_rank, self.dp_size = urls, spec, dp_rank, dp_size
@@ -84,6 +98,7 @@ class PackedStream(IterableDataset):
         while len(pos.done.get(epoch, ())) >= n_shards:
             epoch += 1
         while spec.epochs is None or epoch < spec.epochs:
+            reads, usable, last_reason = 0, 0, None
             for j, shard in enumerate(permutation(n_shards, spec.seed, epoch)):
                 shard = int(shard)
                 if j % num_slots != slot or pos.shard_done(epoch, shard):
@@ -94,15 +109,22 @@ class PackedStream(IterableDataset):
                     if idx in seen:
                         continue
                     pending["reads"] += 1
+                    reads += 1
                     sid, raw = (epoch, shard, idx), raws[int(r)]
                     try:
                         item = self.make_item(sid, raw)
                     except BadSample as e:
                         skip(url, raw.get("__key__", "?"), str(e), sid)
+                        last_reason = f"{raw.get('__key__', '?')} in {url}: {e}"
                         continue
+                    usable += 1
                     for b in packer.add(item):
                         yield attach(b)
                 pending["ended"].append((epoch, shard, len(raws)))
+            if reads and not usable:  # endless epochs of nothing: fail now, with the reason, instead of spinning
+                raise NoUsableSamples(f"none of the {reads} samples of epoch {epoch} in this reader's shards could be "
+                                      f"trained on (data-parallel rank {self.dp_rank}); the last: {last_reason}. "
+                                      f"Check data.seq_len / data.oversize against the samples' sizes (sora-inspect)")
             epoch += 1
         for b in packer.flush():
             yield attach(b)

@@ -8,22 +8,7 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0,
-               "B200": 2250.0, "GH200": 989.0}
-
-
-def device_peak_tflops(override: float | None = None) -> float | None:
-    if override:
-        return override
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_TFLOPS[key]
-    return None
-
+from ..models.flops import achieved
 
 class Throughput:
     """Per log window: tokens/s, samples/s, achieved TFLOP/s and MFU per device."""
@@ -43,11 +28,9 @@ class Throughput:
         """Per-rank figures; tokens/s is for this rank's share (multiply by dp for the job)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         out = {"perf/tokens_per_s": self.tokens / dt, "perf/samples_per_s": self.samples / dt,
-               "perf/tflops": self.flops / dt / 1e12, "time/data_wait_s": self.data_s,
+               **{f"perf/{k}": v for k, v in achieved(self.flops, dt, self.peak).items()}, "time/data_wait_s": self.data_s,
                "time/fwd_bwd_s": self.compute_s, "time/optimizer_s": self.optim_s,
                "time/data_wait_pct": 100 * self.data_s / dt}
-        if self.peak:
-            out["perf/mfu"] = out["perf/tflops"] / self.peak
         if torch.cuda.is_available():
             out["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return out

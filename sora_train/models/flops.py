@@ -1,4 +1,5 @@
-"""Analytic FLOPs of a DiT forward on a packed batch (a multiply-add = 2 FLOPs).
+"""Analytic FLOPs of a DiT forward on a packed batch (a multiply-add = 2 FLOPs), and MFU: the one place
+either is computed (the trainer's metrics and sora-bench both take them from here).
 
 Attention is counted over the real segments (sum of n_i^2, not S^2) and cross-attention over
 each sample's real text length, because that is the work a varlen/flex kernel does and what MFU
@@ -47,3 +48,27 @@ def forward_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None) 
 def train_flops(a: DiTArgs, seg, text_seg) -> int:
     """Forward + backward (2x forward); recomputation under activation checkpointing is not credited."""
     return 3 * forward_flops(a, seg, text_seg)
+
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0,
+               "B200": 2250.0, "GH200": 989.0}
+
+
+def device_peak_tflops(override: float | None = None) -> float | None:
+    """The current CUDA device's dense bf16 peak (or `override`); None where unknown (CPU)."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+def achieved(flops: float, seconds: float, peak_tflops: float | None) -> dict[str, float]:
+    """{"tflops": achieved TFLOP/s, "mfu": its fraction of the peak (when the peak is known)}."""
+    tflops = flops / max(seconds, 1e-12) / 1e12
+    return {"tflops": tflops, **({"mfu": tflops / peak_tflops} if peak_tflops else {})}

@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from sora_train import CONF_DIR  # noqa: E402
 from sora_train.config import register  # noqa: E402
 from sora_train.data import PackedLoader  # noqa: E402
+from sora_train.parallel.collectives import all_reduce_values  # noqa: E402
 from sora_train.train import build, stream_spec  # noqa: E402
 
 
@@ -78,9 +79,7 @@ def run(out, overrides):
                 grads = {n: safe_get_full_grad(p) for n, p in trainer.engine.module.named_parameters()}
             norm = trainer.engine_step(m)
         trainer.step += 1
-        total = torch.stack(losses).mean().reshape(1)
-        torch.distributed.all_reduce(total)
-        record["loss"].append(total.item() / dims.dp)
+        record["loss"].append(all_reduce_values(torch.stack(losses).mean(), trainer.device)[0] / dims.dp)
         record["grad_norm"].append(float(norm))
     # ZeRO stage 0 keeps no fp32 master copy for safe_get_full_fp32_param: the module holds fp32 weights.
     params = {n: safe_get_full_fp32_param(p) if trainer.cfg.parallel.zero_stage else p.detach()
