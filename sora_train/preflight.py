@@ -80,8 +80,6 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
         probe = out / f".write_probe_{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
-        if int(os.environ.get("RANK", 0)) == 0:
-            (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     except OSError as e:
         raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from e
     ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")

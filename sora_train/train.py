@@ -16,6 +16,7 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from . import CONF_DIR
 from .codecs import codec_from_manifest_name
@@ -25,6 +26,7 @@ from .data.stream import NoUsableSamples
 from .diffusion import build_objective, masked_mse_sum, per_token
 from .engine.checkpoint import CheckpointManager, find_latest
 from .engine.ema import EMA
+from .engine.run_dir import RunDirInUse, RunLock
 from .engine.metrics import MetricLogger, Throughput
 from .generate import generate_latents, latent_grid, to_frames, write_videos
 from .models import DiT
@@ -79,6 +81,7 @@ class Trainer:
         self.stop = StopRequested()
         self.bad_steps, self.skipped_steps = 0, 0
         self.ids_file = None
+        self.lock = None  # the out_dir's RunLock (rank 0), held for the trainer's life
         self.losses: list[float] = []
 
     # -- one micro-batch ------------------------------------------------------------------------
@@ -330,6 +333,7 @@ def describe_run(cfg, engine, dims, device) -> str:
 def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (tests feed fixed batches)."""
     manifest = preflight(cfg, check_data=loader is None)  # refuses bad config before any process group or data work
+    lock = RunLock(cfg.out_dir).acquire() if int(os.environ.get("RANK", 0)) == 0 else None  # one run per out_dir
     dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
     device = torch.device(f"cuda:{dims.local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     torch.manual_seed(cfg.seed)
@@ -339,6 +343,8 @@ def build(cfg, loader=None) -> Trainer:
     saved = ckpt.read_meta(src) if src is not None else None
     if saved is not None:
         refuse_incompatible_resume(cfg, saved, src, dims.world_size)
+    if dims.is_main:  # after the resume check: a refused resume leaves the run's config as it was
+        (Path(cfg.out_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     resharding = saved is not None and saved["world_size"] != dims.world_size
     if resharding:
         ckpt.prepare_resharding(src)
@@ -360,8 +366,10 @@ def build(cfg, loader=None) -> Trainer:
                               cfg.data.max_bad_fraction, cfg.data.min_reads_for_check,
                               pin_memory=device.type == "cuda")
     logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), run_id)
-    return Trainer(cfg, dims, engine, ema, build_objective(cfg.diffusion), ckpt, logger, loader, manifest, step,
-                   device)
+    trainer = Trainer(cfg, dims, engine, ema, build_objective(cfg.diffusion), ckpt, logger, loader, manifest, step,
+                      device)
+    trainer.lock = lock
+    return trainer
 
 
 def run(cfg) -> list[float]:
@@ -379,7 +387,7 @@ def run(cfg) -> list[float]:
 def main(cfg) -> None:
     try:
         run(cfg)
-    except ConfigError as e:
+    except (ConfigError, RunDirInUse) as e:
         sys.exit(f"config error: {e}")
     except (DataQualityError, NoUsableSamples) as e:
         sys.exit(f"data error: {e}")

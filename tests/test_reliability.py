@@ -241,3 +241,34 @@ def test_checkpoint_model_config_from_a_newer_version_is_refused_by_key():
     assert saved_model_config({"dim": 64}).depth == 5  # keys added since: today's defaults
     with pytest.raises(ValueError, match=r"model\.text_pool"):
         saved_model_config({"dim": 64, "text_pool": "attention"})
+
+
+def tiny_cli(dataset, out, *extra, timeout=300):
+    """`sora-train` in a fresh process on the tiny test model; returns the CompletedProcess."""
+    args = tiny_model(dataset / "shards", out, **{"optim.steps": 1, "checkpoint.every": 1})
+    return subprocess.run([sys.executable, *TRAIN, *args, *extra], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_second_run_on_an_out_dir_in_use_is_refused_before_writing(dataset, tmp_path):
+    from sora_train.engine.run_dir import RunLock
+
+    out = tmp_path / "run"
+    held = RunLock(out).acquire()  # as a running job holds it
+    try:
+        r = tiny_cli(dataset, out)
+    finally:
+        held.release()
+    assert r.returncode != 0 and "is in use by a running job" in r.stderr and str(os.getpid()) in r.stderr, r.stderr[-2000:]
+    assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
+    assert tiny_cli(dataset, out).returncode == 0  # free again: the run goes ahead
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
+def test_a_refused_resume_leaves_the_runs_config_as_it_was(dataset, tmp_path):
+    out = tmp_path / "run"
+    assert tiny_cli(dataset, out).returncode == 0
+    before = (out / "config.yaml").read_text()
+    r = tiny_cli(dataset, out, "model.depth=3")
+    assert r.returncode != 0 and "model.depth: 2 -> 3" in r.stderr, r.stderr[-2000:]
+    assert (out / "config.yaml").read_text() == before
