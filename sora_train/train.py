@@ -56,15 +56,21 @@ def step_generator(*key: int) -> torch.Generator:
 
 
 class StopRequested:
-    """SIGUSR1 (SLURM's warning before the time limit / preemption) or SIGTERM: checkpoint, then exit."""
+    """SIGUSR1 (SLURM's warning before the time limit / preemption) or SIGTERM: checkpoint, then exit for a requeue.
+    Ctrl-C (SIGINT): checkpoint, then exit; a second Ctrl-C quits at once without saving."""
 
     def __init__(self):
         self.signum = 0
-        for s in (signal.SIGUSR1, signal.SIGTERM):
+        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C
+            print("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: quit without saving)",
+                  file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
 
     def agreed(self, device: torch.device) -> int:
         return int(all_reduce_values([self.signum], device, "max")[0])
@@ -188,6 +194,10 @@ class Trainer:
             stop = self.stop.agreed(self.device)
             if every(self.cfg.checkpoint.every, self.step) or self.step == total or stop:
                 self.save()
+            if stop == signal.SIGINT:
+                print(f"stopped by Ctrl-C after saving step {self.step}; the same command continues the run",
+                      flush=True)
+                raise SystemExit(130)
             if stop:
                 self.logger.log(self.step, {"preempted_by_signal": stop})
                 if self.dims.is_main:  # srun's exit code mixes tasks' codes; the marker is unambiguous
@@ -391,6 +401,9 @@ def main(cfg) -> None:
         sys.exit(f"config error: {e}")
     except (DataQualityError, NoUsableSamples) as e:
         sys.exit(f"data error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped without saving", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

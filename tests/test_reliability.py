@@ -272,3 +272,21 @@ def test_a_refused_resume_leaves_the_runs_config_as_it_was(dataset, tmp_path):
     r = tiny_cli(dataset, out, "model.depth=3")
     assert r.returncode != 0 and "model.depth: 2 -> 3" in r.stderr, r.stderr[-2000:]
     assert (out / "config.yaml").read_text() == before
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops_without_a_traceback(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_model(dataset / "shards", out, **{"optim.steps": 1000, "checkpoint.every": 0})
+    proc = subprocess.Popen([sys.executable, *TRAIN, *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "stopped by Ctrl-C after saving step" in stdout, (stdout[-1000:], stderr[-2000:])
+    step = int(stdout.split("after saving step ")[1].split(";")[0])
+    assert step >= 2 and (out / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert not (out / "requeue").exists()  # a person stopped it: not a job to requeue
