@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from .data import check_manifest, list_shards, load_manifest
@@ -28,6 +29,39 @@ def dit_args(m) -> DiTArgs:
                    frac_pos=m.frac_pos, frac_pos_joint=m.frac_pos_joint)
 
 
+# Values a run cannot use, refused by key before any work (a negative step count used to exit 0 having done
+# nothing; a misspelt choice such as data.oversize=skp behaved as another one).
+CHOICES = {"device": ("auto", "cpu", "cuda"), "data.oversize": ("crop_time", "skip"),
+           "optim.decay": ("cosine", "constant"), "parallel.precision": ("auto", "bf16", "fp32"),
+           "logging.wandb.mode": ("online", "offline", "disabled")}
+RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup_steps": (0, None),
+          "optim.lr": (1e-12, None), "optim.min_lr_ratio": (0.0, 1.0), "optim.grad_clip": (0.0, None),
+          "optim.max_bad_steps": (1, None), "data.seq_len": (1, None), "data.text_len": (1, None),
+          "data.rows": (1, None), "data.max_per_row": (1, None), "data.num_workers": (0, None),
+          "data.caption_dropout": (0.0, 1.0), "data.max_bad_fraction": (0.0, 1.0), "checkpoint.every": (0, None),
+          "checkpoint.keep_last": (1, None), "ema.decay": (0.0, 1.0), "logging.every": (0, None),
+          "logging.val_every": (0, None), "logging.sample_every": (0, None), "logging.val_batches": (1, None),
+          "watchdog_s": (1.0, None), "parallel.timeout_s": (1.0, None)}
+
+
+def check_values(cfg) -> None:
+    problems = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            problems.append(f"{key}={value!r}: use {', '.join(allowed)}")
+    for key, (low, high) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value < low or (high is not None and value > high):
+            problems.append(f"{key}={value}: must be " + (f"between {low} and {high}" if high is not None
+                                                          else f">= {low}"))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible here (torch.cuda.is_available() is False); "
+                          "use device=cpu or device=auto")
+
+
 def checkpoint_bytes(params: int, zero_stage: int) -> int:
     """bf16/fp32 weights + fp32 master + Adam moments + fp32 EMA: ~18 bytes per parameter."""
     return params * 18
@@ -36,6 +70,7 @@ def checkpoint_bytes(params: int, zero_stage: int) -> int:
 def preflight(cfg, check_data: bool = True) -> dict | None:
     """Returns the dataset manifest (or None for pipe: sources without one, or with check_data=False: a caller
     that feeds its own batches, as sora-bench does)."""
+    check_values(cfg)
     args = dit_args(cfg.model)
     try:
         args.validate()

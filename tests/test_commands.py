@@ -26,14 +26,15 @@ def training_commands() -> list[Command]:
                 found.append(Command(path.name, int(m[1]), m[2].split()))
             elif m := re.search(r"sbatch\s+(?:--nodes=(\d+)\s+)?slurm/train\.sbatch\s+(.+)", line):
                 found.append(Command(path.name, int(m[1] or 1) * per_node, m[2].split()))
-    return found
+    return [c for c in found if all("=" in o for o in c.overrides)]  # command lines, not prose naming a tool
 
 
-def fake_shards(root, channels: int, text_dim: int):
-    """A shard directory whose manifest fits the model (preflight reads the manifest, not the samples)."""
+def fake_shards(root, channels: int, text_dim: int, count: int):
+    """A shard directory whose manifest fits the model (preflight reads the manifest and counts the shards)."""
     d = root / f"shards_{channels}_{text_dim}"
     d.mkdir(exist_ok=True)
-    (d / "shard-000000.tar").write_bytes(b"")
+    for i in range(count):
+        (d / f"shard-{i:06d}.tar").write_bytes(b"")
     (d / "manifest.json").write_text(json.dumps({
         "codec": {"name": "video_vae", "latent_channels": channels}, "patch_size": [1, 2, 2],
         "text_encoder": {"name": "t5", "width": text_dim}, "shards": []}))
@@ -66,7 +67,7 @@ def test_each_training_command_composes_passes_preflight_and_runs_what_it_names(
     monkeypatch.setenv("WORLD_SIZE", str(command.world))
     named = dict(o.split("=", 1) for o in command.overrides)
     probe = compose(command.overrides)
-    data = fake_shards(tmp_path, probe.model.in_channels, probe.model.text_dim)
+    data = fake_shards(tmp_path, probe.model.in_channels, probe.model.text_dim, command.world * 8)
     overrides = [o for o in command.overrides if not o.startswith(("data.train=", "data.val="))]
     cfg = compose([*overrides, f"data.train={data}", f"out_dir={tmp_path / 'run'}"])
     preflight(cfg)

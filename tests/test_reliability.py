@@ -153,6 +153,10 @@ def compose(*overrides):
     (["model.attention=varlen:flash_attn"], r"model.attention='varlen:flash_attn': varlen kernel 'flash_attn' is "
                                             r"not installed here"),  # the optional CUDA extra, absent in CI
     (["optim.name=muon", "parallel.zero_stage=3", "optim.grad_clip=1"], r"clip Muon's orthogonalised update"),
+    (["optim.steps=-1"], r"optim.steps=-1: must be >= 1"),
+    (["data.oversize=skp"], r"data.oversize='skp': use crop_time, skip"),
+    (["data.caption_dropout=1.5", "optim.decay=linear"], r"optim.decay='linear'.*data.caption_dropout=1.5: must be between"),
+    (["device=cuda"], r"device=cuda but no CUDA device is visible here"),  # CI has no GPU
 ])
 def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):
     from sora_train.preflight import ConfigError, preflight
