@@ -21,6 +21,7 @@ is skipped, counted and listed in failures.jsonl, never aborting the job.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import math
@@ -132,9 +133,18 @@ def encode_chunk(chunk: int, rows: list[dict], base: str, out_dir: str) -> dict:
             stats["samples"] += 1
             stats["latent_positions"] += t * h * w
             stats["tokens"] += (t // pt) * (h // ph) * (w // pw)
+    stats["sha256"] = file_sha256(tmp)  # the dataset's identity for resume (sora_train.data.shards.fingerprint)
     os.replace(tmp, final)  # publish the shard, then its sidecar: a sidecar means "done"
     _write_json(out / f"shard-{chunk:06d}.json", stats)
     return stats
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -168,7 +178,8 @@ def finalize(out_dir: Path, num_chunks: int, header: dict) -> Path | None:
             for fail in s["failures"]:
                 f.write(json.dumps(fail) + "\n")
     manifest = dict(header, version=MANIFEST_VERSION,
-                    shards=[{k: s[k] for k in ("shard", "samples", "latent_positions", "tokens")} for s in shards],
+                    shards=[{k: s[k] for k in ("shard", "samples", "latent_positions", "tokens", "sha256") if k in s}
+                            for s in shards],
                     samples=sum(s["samples"] for s in shards), failures=sum(len(s["failures"]) for s in shards))
     _write_json(out_dir / "manifest.json", manifest)
     return out_dir / "manifest.json"

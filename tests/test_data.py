@@ -109,7 +109,7 @@ def test_resume_refuses_another_dataset_or_seed(dataset, tmp_path):
     state = ld.state_dict()
     one = sorted((dataset / "shards").glob("*.tar"))[0]
     (tmp_path / one.name).write_bytes(one.read_bytes())
-    with pytest.raises(ValueError, match="another shard list"):
+    with pytest.raises(ValueError, match="belongs to another dataset"):
         PackedLoader(str(tmp_path), SPEC, position=state)
     with pytest.raises(ValueError, match="data.seed changed"):
         PackedLoader(str(dataset / "shards"), StreamSpec(**{**SPEC.__dict__, "seed": 5}), position=state)
@@ -293,3 +293,23 @@ def test_fewer_shards_than_readers_is_refused_naming_both_counts(dataset, tmp_pa
     with pytest.raises(ValueError, match=r"1 shard\(s\) for 2 readers \(data-parallel size 2 x data.num_workers=1\)"):
         within(60, lambda: next(iter(PackedLoader(str(one), spec, dp_rank=1, dp_size=2))))
     assert next(iter(PackedLoader(str(one), spec, dp_rank=0, dp_size=1))).real_tokens > 0  # alone it is enough
+
+
+def test_resume_tells_datasets_with_the_same_shard_names_apart_by_content(dataset, tmp_path):
+    """Every encode names its shards shard-000000.tar, ...: two one-shard datasets differ only in content, which
+    the manifest's per-shard sha256 (written by the encoder) shows."""
+    manifest = load_manifest(str(dataset / "shards"))
+    assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
+    dirs = []
+    for i in (0, 1):
+        d = tmp_path / f"set{i}"
+        d.mkdir()
+        (d / "shard-000000.tar").write_bytes((dataset / "shards" / f"shard-{i:06d}.tar").read_bytes())
+        entry = {**manifest["shards"][i], "shard": "shard-000000.tar"}
+        (d / "manifest.json").write_text(json.dumps({**manifest, "shards": [entry]}))
+        dirs.append(d)
+    ld = PackedLoader(str(dirs[0]), SPEC)
+    _take(ld, 1)
+    PackedLoader(str(dirs[0]), SPEC, position=ld.state_dict())  # the same dataset resumes
+    with pytest.raises(ValueError, match="the same names with other contents"):
+        PackedLoader(str(dirs[1]), SPEC, position=ld.state_dict())

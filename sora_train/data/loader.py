@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from .packing import PackedBatch
 from .position import StreamPosition
-from .shards import fingerprint, list_shards
+from .shards import fingerprint, list_shards, load_manifest
 from .stream import PackedStream, StreamSpec, check_readers
 
 
@@ -44,14 +44,16 @@ class PackedLoader:
         if spec.epochs is None:  # a finite pass (validation) may leave a reader without a shard: it yields nothing
             check_readers(len(self.urls), dp_size, num_workers)
         self.max_bad_fraction, self.min_reads = max_bad_fraction, min_reads_for_check
-        dataset_id = fingerprint(self.urls)
+        dataset_id = fingerprint(self.urls, load_manifest(sources))
         if position is None:
             self.position = StreamPosition(spec.seed, dataset_id)
         else:
             self.position = StreamPosition.from_state_dict(position)
-            if self.position.dataset != dataset_id:
-                raise ValueError(f"the checkpoint's data position belongs to another shard list (fingerprint "
-                                 f"{self.position.dataset}, now {dataset_id}); resume needs the same dataset")
+            # Positions saved before datasets were identified by content carry the names-only fingerprint.
+            if self.position.dataset not in (dataset_id, fingerprint(self.urls)):
+                raise ValueError(f"the checkpoint's data position belongs to another dataset (fingerprint "
+                                 f"{self.position.dataset}, now {dataset_id}: other shards, or the same names with "
+                                 f"other contents); resume needs the same dataset, or start a new out_dir")
             if self.position.seed != spec.seed:
                 raise ValueError(f"data.seed changed ({self.position.seed} -> {spec.seed}); the saved position "
                                  "is only meaningful under the seed it was saved with")

@@ -33,10 +33,16 @@ def list_shards(sources: str | list[str]) -> list[str]:
     return urls
 
 
-def fingerprint(urls: list[str]) -> str:
-    """Identity of the shard list (by file name, so a dataset moved to another mount still matches)."""
+def fingerprint(urls: list[str], manifest: dict | None = None) -> str:
+    """Identity of a dataset, for resume. With a manifest: each shard's name and content (its sha256, written by
+    sora-encode; older manifests: its sample and token counts), so a different dataset with the same shard names
+    (every encode names its shards shard-000000.tar, ...) is told apart. Without one (pipe: sources): the names.
+    Names without their directory, so a dataset moved to another mount still matches."""
     names = [u.rsplit("/", 1)[-1].split()[-1] if not u.startswith("pipe:") else u for u in urls]
-    return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+    if manifest is None:
+        return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+    content = {s["shard"]: s.get("sha256") or [s.get("samples"), s.get("tokens")] for s in manifest.get("shards", [])}
+    return hashlib.sha256(json.dumps([[n, content.get(n)] for n in names]).encode()).hexdigest()[:16]
 
 
 def load_manifest(sources: str | list[str]) -> dict | None:
