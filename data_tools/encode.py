@@ -139,6 +139,27 @@ def encode_chunk(chunk: int, rows: list[dict], base: str, out_dir: str) -> dict:
     return stats
 
 
+class OutputInUse(ValueError):
+    """--out holds the output of other inputs or settings."""
+
+
+def claim_output(out_dir: Path, settings: dict) -> None:
+    """A rerun continues an encode only with the same inputs and settings: finished shards are skipped by name,
+    so another caption file, codec or policy would mix two datasets under one manifest. The first run records
+    its settings (encode_settings.json); later runs and array tasks must match them."""
+    path = out_dir / "encode_settings.json"
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                   if old.get(k) != settings.get(k)]
+        if changed:
+            raise OutputInUse(f"--out {out_dir} holds shards encoded from other inputs or settings ("
+                              f"{'; '.join(changed)}); encode into a new --out, or delete this one to start over")
+        return
+    _write_json(path, settings)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -190,6 +211,9 @@ def run(captions: str, out: str, codec_kw: dict, text_path: str | None, policy: 
         progress: bool = True) -> Path | None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output(out_dir, {"captions_sha256": file_sha256(Path(captions)), "codec": codec_kw,
+                           "text_encoder": text_path or "minilm", "policy": asdict(policy),
+                           "clips_per_shard": clips_per_shard})
     rows = read_captions(captions)
     base = str(Path(captions).resolve().parent)
     chunks = [rows[i : i + clips_per_shard] for i in range(0, len(rows), clips_per_shard)]
@@ -251,8 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     codec_kw = {"kind": a.codec, "path": a.codec_path, "factors": ints(a.codec_factors), "class_name": a.codec_class}
     policy = EncodePolicy(ints(a.patch_size), a.max_pixels, a.max_frames, a.min_frames, a.target_fps, a.span)
-    manifest = run(a.captions, a.out, codec_kw, a.text_encoder, policy, a.clips_per_shard, a.workers,
-                   a.num_tasks, a.task_index, progress=not a.no_progress)
+    try:
+        manifest = run(a.captions, a.out, codec_kw, a.text_encoder, policy, a.clips_per_shard, a.workers,
+                       a.num_tasks, a.task_index, progress=not a.no_progress)
+    except OutputInUse as e:
+        p.exit(2, f"sora-encode: {e}\n")
     if manifest:
         m = json.loads(manifest.read_text())
         print(f"wrote {len(m['shards'])} shards, {m['samples']} samples, {m['failures']} failures -> {manifest}")

@@ -215,6 +215,19 @@ def test_encoder_skips_bad_videos_resumes_and_splits_array_tasks(tmp_path):
     assert {Path(f["path"]).name for f in failures} == {"clip_000001.mp4", "missing.mp4"}
     run(str(captions), str(out), kw, None, policy, clips_per_shard=2, progress=False)  # rerun: all skipped
     assert (out / "shard-000000.tar").stat().st_mtime_ns == stamp
+    # A rerun with other settings or other captions would skip the finished shards by name and mix two datasets.
+    from data_tools.encode import OutputInUse
+
+    with pytest.raises(OutputInUse, match=r"policy: .*'max_pixels': 1024.*'max_pixels': 2304"):
+        run(str(captions), str(out), kw, None, EncodePolicy(max_pixels=48 * 48, max_frames=4), clips_per_shard=2,
+            progress=False)
+    with pytest.raises(OutputInUse, match=r"codec: \{'kind': 'pixel'\} -> \{'kind': 'pixel', 'factors': \[1, 8, 8\]\}"):
+        run(str(captions), str(out), {"kind": "pixel", "factors": (1, 8, 8)}, None, policy, clips_per_shard=2,
+            progress=False)
+    other = generate(tmp_path / "raw2", 6, seed=4, min_size=32, max_size=48, min_frames=4, max_frames=6)
+    with pytest.raises(OutputInUse, match="captions_sha256"):
+        run(str(other), str(out), kw, None, policy, clips_per_shard=2, progress=False)
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == stamp and json.loads((out / "manifest.json").read_text()) == manifest
 
 
 def test_merging_resumed_positions_keeps_one_view_per_shard(dataset):
