@@ -395,6 +395,12 @@ def run(cfg) -> list[float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:  # each sweep job in its own run directory (conf/train.yaml: hydra.sweep)
+        cfg.out_dir = hc.runtime.output_dir
     try:
         run(cfg)
     except (ConfigError, RunDirInUse) as e:

@@ -294,3 +294,17 @@ def test_ctrl_c_saves_a_checkpoint_and_stops_without_a_traceback(dataset, tmp_pa
     step = int(stdout.split("after saving step ")[1].split(";")[0])
     assert step >= 2 and (out / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     assert not (out / "requeue").exists()  # a person stopped it: not a job to requeue
+
+
+def test_a_hydra_sweep_gives_each_job_its_own_run_directory(dataset, tmp_path):
+    out = tmp_path / "sweep"
+    args = tiny_model(dataset / "shards", out, **{"optim.steps": 1, "checkpoint.every": 1})
+    r = subprocess.run([sys.executable, *TRAIN, "-m", *args, "optim.lr=0.001,0.002"], cwd=tmp_path, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"], jobs
+    for job, lr in zip(jobs, ("0.001", "0.002")):
+        assert (job / "checkpoints" / "latest").read_text() == "step_00000001"  # each trained its own step
+        assert f"lr: {lr}" in (job / "config.yaml").read_text()
+    assert not (tmp_path / "multirun").exists() and not (out / "checkpoints").exists()
