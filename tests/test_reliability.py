@@ -308,3 +308,29 @@ def test_a_hydra_sweep_gives_each_job_its_own_run_directory(dataset, tmp_path):
         assert (job / "checkpoints" / "latest").read_text() == "step_00000001"  # each trained its own step
         assert f"lr: {lr}" in (job / "config.yaml").read_text()
     assert not (tmp_path / "multirun").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_wheel_install_carries_the_config_groups(tmp_path):
+    """Installed from a wheel (no repository beside it), the entries still find conf/ and compose the quickstart."""
+    import shutil
+
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and egg-info behind
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", ".whl", "data", "runs", "__pycache__",
+                                                            "*.egg-info", "build"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("sora_train-*.whl")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                        str(wheel)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    code = ("import sora_train; from hydra import compose, initialize_config_dir\n"
+            "from sora_train.config import register; register()\n"
+            "with initialize_config_dir(config_dir=sora_train.CONF_DIR, version_base='1.3'):\n"
+            "    cfg = compose('train', overrides=['experiment=quickstart'])\n"
+            "print(sora_train.CONF_DIR, cfg.model.name, cfg.optim.steps)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**env(), "PYTHONPATH": str(tmp_path / "site")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    conf, model, steps = r.stdout.split()
+    assert conf == str(tmp_path / "site" / "sora_train" / "conf") and (model, steps) == ("tiny", "700")
