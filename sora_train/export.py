@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,7 +39,11 @@ def fp32_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     if len(files) != 1:
         raise FileNotFoundError(f"{step_dir}: expected one mp_rank_*_model_states.pt without ZeRO partitions, "
                                 f"found {[f.name for f in files]}")
-    state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    try:
+        state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    except Exception as e:  # a damaged file raises anything from the unpickler: name the file instead
+        raise ValueError(f"{files[0]} cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged; export "
+                         f"an earlier step") from e
     bad = {n: t.dtype for n, t in state.items() if t.dtype != torch.float32}
     if bad:  # stage 0 with bf16 would hold rounded weights here; export must not pass them off as masters
         raise ValueError(f"{files[0]}: module weights are not fp32 ({dict(list(bad.items())[:3])}), so they are "
@@ -52,13 +58,29 @@ def export(step_dir: str | Path, out_dir: str | Path) -> Path:
         if latest is None:
             raise FileNotFoundError(f"{step_dir} is neither a complete checkpoint nor a directory holding one")
         step_dir = latest
-    out.mkdir(parents=True, exist_ok=True)
-    state = fp32_weights(step_dir)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    if (step_dir / "ema" / "layout.json").exists():
-        save_file(consolidated_ema(step_dir), str(out / "ema.safetensors"))
-    meta = json.loads((step_dir / "meta.json").read_text())
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    # Written beside, published by rename: a failure (broken checkpoint, full disk) leaves no partial export, and
+    # an earlier export at `out` stays until the new one is whole.
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = fp32_weights(step_dir)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        if (step_dir / "ema" / "layout.json").exists():
+            save_file(consolidated_ema(step_dir), str(tmp / "ema.safetensors"))
+        meta = json.loads((step_dir / "meta.json").read_text())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
     return out
 
 
@@ -67,7 +89,10 @@ def main(argv=None) -> None:
     p.add_argument("checkpoint", help="a step directory, or a checkpoints directory (its latest)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    print(f"exported to {export(a.checkpoint, a.out)}")
+    try:
+        print(f"exported to {export(a.checkpoint, a.out)}")
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(1, f"sora-export: {a.checkpoint}: {type(e).__name__}: {e}\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ from .video_io import write_gif, write_mp4
 
 def latent_grid(codec: VideoCodec, patch, frames: int, height: int, width: int) -> tuple[int, int, int]:
     ft, fh, fw = codec.info.factors
+    for key, pixels, step in (("height", height, fh * patch[1]), ("width", width, fw * patch[2])):
+        if pixels % step:  # a silent round-down (50 -> 48) gives a video of another size than asked for
+            low = pixels // step * step
+            raise ValueError(f"{key}={pixels} is not a multiple of {step} (the codec's factor x the patch): use "
+                             f"{' or '.join(str(v) for v in (low, low + step) if v > 0)}")
     lt = codec.info.latent_frames(frames)
     grid = (lt // patch[0], height // fh // patch[1], width // fw // patch[2])
     if min(grid) < 1:

@@ -44,6 +44,14 @@ def every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
 
+def learning_rates(groups: list[dict]) -> dict[str, float]:
+    """lr: AdamW's (optim.lr through the schedule); with Muon also lr_muon, its hidden matrices' (optim.muon_lr).
+    DeepSpeed's get_lr() gives the first group's, which under Muon is the Muon half."""
+    muon = [g["lr"] for g in groups if g.get("use_muon")]
+    adam = [g["lr"] for g in groups if not g.get("use_muon")]
+    return {"lr": (adam or muon)[0], **({"lr_muon": muon[0]} if muon and adam else {})}
+
+
 def grads_norm(module: torch.nn.Module) -> float:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
@@ -142,7 +150,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.step)
         loss = all_reduce_values(torch.stack(losses).mean(), self.device)[0]  # SP: parts of one mean; DP: averaged
-        return {"loss": loss / self.dims.dp, "lr": self.engine.get_lr()[0], "finite": all_finite,
+        return {"loss": loss / self.dims.dp, **learning_rates(self.engine.optimizer.param_groups), "finite": all_finite,
                 "grad_norm": float(grad_norm or 0.0)}
 
     def engine_step(self, micro: int) -> float | None:

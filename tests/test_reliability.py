@@ -335,3 +335,41 @@ def test_a_wheel_install_carries_the_config_groups(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     conf, model, steps = r.stdout.split()
     assert conf == str(tmp_path / "site" / "sora_train" / "conf") and (model, steps) == ("tiny", "700")
+
+
+def test_export_of_a_broken_checkpoint_leaves_no_partial_export_and_keeps_the_last_one(tmp_path):
+    from sora_train.export import export, main
+
+    step = tmp_path / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"truncated by a full disk")
+    (step / "meta.json").write_text("{}")
+    (step / "COMPLETE").write_text("")
+    out = tmp_path / "export"
+    with pytest.raises(Exception):
+        export(tmp_path / "checkpoints", out)
+    assert not out.exists() and not list(tmp_path.glob("export*"))
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier, good export")
+    with pytest.raises(SystemExit) as e:  # the CLI: one line naming the checkpoint, no traceback
+        main([str(tmp_path / "checkpoints"), "--out", str(out)])
+    assert e.value.code == 1
+    assert (out / "model.safetensors").read_bytes() == b"an earlier, good export"
+
+
+def test_sample_size_that_is_not_a_whole_number_of_patches_is_refused_with_the_nearest_sizes():
+    from sora_train.codecs import PixelCodec
+    from sora_train.generate import latent_grid
+
+    codec = PixelCodec((1, 4, 4))
+    assert latent_grid(codec, (1, 2, 2), 8, 48, 64) == (8, 6, 8)
+    with pytest.raises(ValueError, match=r"height=50 is not a multiple of 8 .*: use 48 or 56"):
+        latent_grid(codec, (1, 2, 2), 8, 50, 64)
+
+
+def test_logged_lr_is_adamws_and_muons_is_logged_beside_it():
+    from sora_train.train import learning_rates
+
+    assert learning_rates([{"lr": 0.02, "use_muon": True}, {"lr": 1e-3, "use_muon": False}]) == \
+        {"lr": 1e-3, "lr_muon": 0.02}
+    assert learning_rates([{"lr": 3e-4}]) == {"lr": 3e-4}
