@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from distributed import ROOT, env, tiny_model, torchrun
@@ -67,13 +68,21 @@ def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run
 
 
 def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
-    out = tmp_path / "model.json"
-    r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "tiny", "--seq-len", "256",
-                        "--attention", "sdpa", "varlen", "--ac", "both", "--steps", "1", "--warmup", "1",
-                        "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    assert len(rows) == 4 and all(row["tokens_per_s"] > 0 and row["tflops"] > 0 for row in rows)
+    rows = {}
+    for path, extra in (("trainer", ["--ac", "both"]), ("bare", ["--bare"])):  # the training step users get / the model
+        out = tmp_path / f"{path}.json"
+        r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "tiny", "--seq-len", "256",
+                            "--attention", "varlen", "--steps", "1", "--warmup", "1", "--peak-tflops", "2", *extra,
+                            "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows[path] = json.loads(out.read_text())
+    trainer, (bare,) = rows["trainer"], rows["bare"]
+    assert [(t["path"], t["activation_checkpointing"]) for t in trainer] == [("trainer", False), ("trainer", True)]
+    assert bare["path"] == "bare" and trainer[0]["zero_stage"] == 3 and trainer[0]["optimizer"] == "adamw"
+    for row in [*trainer, bare]:
+        assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and row["mfu"] == pytest.approx(row["tflops"] / 2)
+    # One FLOP count (models/flops.py) for both: the same rows, the same work per step.
+    assert trainer[0]["tflops"] * trainer[0]["step_s"] == pytest.approx(bare["tflops"] * bare["step_s"], rel=1e-9)
     out = tmp_path / "pack.json"
     r = subprocess.run([sys.executable, "-m", "sora_train.bench", "packing", "--data", str(dataset / "shards"),
                         "--seq-len", "1024", "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True,
