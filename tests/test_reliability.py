@@ -99,7 +99,7 @@ def test_corrupt_shards_are_skipped_and_counted_then_too_many_stop_the_run(datas
     over["data.max_bad_fraction"] = 0.02
     r = torchrun(1, [*TRAIN, *tiny_model(bad, tmp_path / "stop", **over)], check=False)
     assert r.returncode != 0
-    assert "DataQualityError" in r.stderr and "shard-bad.tar" in r.stderr
+    assert "data error: " in r.stderr and "data.max_bad_fraction=0.02" in r.stderr and "shard-bad.tar" in r.stderr
 
 
 def run_faults(tmp_path, dataset, poison, **over):
