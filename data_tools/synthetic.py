@@ -132,14 +132,14 @@ def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool =
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-clips", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-size", type=int, default=32)
-    p.add_argument("--max-size", type=int, default=128)
-    p.add_argument("--min-frames", type=int, default=4)
-    p.add_argument("--max-frames", type=int, default=64)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for videos/ and captions.jsonl")
+    p.add_argument("--num-clips", type=int, default=512, help="clips to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same clips)")
+    p.add_argument("--min-size", type=int, default=32, help="smallest frame side in pixels")
+    p.add_argument("--max-size", type=int, default=128, help="largest frame side in pixels")
+    p.add_argument("--min-frames", type=int, default=4, help="fewest frames per clip")
+    p.add_argument("--max-frames", type=int, default=64, help="most frames per clip")
     p.add_argument("--max-aspect", type=float, default=2.0, help="widest width:height (and height:width); 1 = square")
     p.add_argument("--travel", type=float, default=0.45, help="fraction of the frame a moving shape crosses")
     p.add_argument("--radius", type=float, nargs=2, default=(0.16, 0.24), metavar=("MIN", "MAX"),

@@ -373,3 +373,30 @@ def test_logged_lr_is_adamws_and_muons_is_logged_beside_it():
     assert learning_rates([{"lr": 0.02, "use_muon": True}, {"lr": 1e-3, "use_muon": False}]) == \
         {"lr": 1e-3, "lr_muon": 0.02}
     assert learning_rates([{"lr": 3e-4}]) == {"lr": 3e-4}
+
+
+def test_help_of_each_entry_names_its_own_options_with_defaults():
+    def helptext(module):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env(), capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return " ".join(r.stdout.split()) if module.startswith("data_tools") else r.stdout  # argparse wraps lines
+
+    for module in ("sora_train.sample", "sora_train.evaluate"):
+        text = helptext(module)
+        assert "checkpoint: ???" in text and "parallel:" not in text and "model:" not in text, text[:600]
+    assert "experiment: quickstart" in helptext("sora_train.train")
+    encode = helptext("data_tools.encode")
+    assert "scaled down, aspect kept (default: 4096)" in encode and "(default: SLURM_ARRAY_TASK_COUNT)" in encode
+    assert "fewest frames per clip (default: 4)" in helptext("data_tools.synthetic")
+
+
+def test_the_validation_line_does_not_read_like_a_training_line(tmp_path, capsys):
+    from sora_train.engine.metrics import MetricLogger
+
+    log = MetricLogger(tmp_path, True)
+    log.log(5, {"loss": 0.5})
+    log.log(5, {"val/loss": 0.25})
+    log.close()
+    train, val = capsys.readouterr().out.splitlines()
+    assert "loss=0.5" in train and "val_loss=0.25" in val and " loss=" not in val

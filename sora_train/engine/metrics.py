@@ -67,7 +67,9 @@ class MetricLogger:
         self.jsonl.flush()
         if self.run is not None:
             self.run.log(metrics, step=step)
-        shown = [f"{k.split('/')[-1]}={row[k]:.4g}" for k in self.CONSOLE if isinstance(row.get(k), float)]
+        # val/loss as val_loss: a validation line must not read like a training one
+        shown = [f"{k.replace('val/', 'val_').split('/')[-1]}={row[k]:.4g}" for k in self.CONSOLE
+                 if isinstance(row.get(k), float)]
         print(f"step {step:>7} " + " ".join(shown), flush=True)
 
     def log_videos(self, step: int, paths: list[Path], captions: list[str]) -> None:
