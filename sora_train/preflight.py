@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from .data import check_manifest, list_shards, load_manifest
 from .data.stream import check_readers
+from .engine.checkpoint import dir_bytes, half_written
 from .diffusion import OBJECTIVES, check_sampler
 from .models import VARLEN_KERNELS, DiTArgs, build_attention, count_params
 from .parallel import check_degrees
@@ -120,10 +121,13 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
     ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
     need = checkpoint_bytes(count_params(args), cfg.parallel.zero_stage)
     free = shutil.disk_usage(next(p for p in [ckpt_dir, *ckpt_dir.parents] if p.exists())).free
+    leftovers = {d: dir_bytes(d) for d in half_written(ckpt_dir)}  # removed at start-up (train.build), so they count
     need_gb = max(need / 1e9, cfg.checkpoint.min_free_gb)
-    if free < need_gb * 1e9:
+    if free + sum(leftovers.values()) < need_gb * 1e9:
+        named = "".join(f"; {d} ({b / 1e9:.2f} GB) is a half-written checkpoint, safe to delete"
+                        for d, b in leftovers.items())
         raise ConfigError(f"checkpoint.dir={str(ckpt_dir)!r} has {free / 1e9:.1f} GB free; one checkpoint needs "
-                          f"~{need_gb:.1f} GB (model.{cfg.model.name}: ~{math.ceil(need / 18 / 1e6)}M params)")
+                          f"~{need_gb:.1f} GB (model.{cfg.model.name}: ~{math.ceil(need / 18 / 1e6)}M params){named}")
     return manifest
 
 

@@ -357,6 +357,10 @@ def build(cfg, loader=None) -> Trainer:
     torch.manual_seed(cfg.seed)
     ckpt = CheckpointManager(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep_last,
                              dims.rank, dims.world_size)
+    if dims.is_main:  # under the run directory's lock: nothing else writes here
+        for d in ckpt.remove_half_written():
+            print(f"removed {d}: a half-written checkpoint (a crash or a full disk while saving)", flush=True)
+    dist.barrier()
     src = resume_point(cfg, ckpt.root)
     saved = ckpt.read_meta(src) if src is not None else None
     if saved is not None:
@@ -380,9 +384,12 @@ def build(cfg, loader=None) -> Trainer:
             print(f"resumed from {src} at step {step} (saved on {meta['world_size']} ranks, now {dims.world_size})",
                   flush=True)
     if loader is None:
-        loader = PackedLoader(cfg.data.train, stream_spec(cfg), dims.dp_rank, dims.dp, cfg.data.num_workers, position,
-                              cfg.data.max_bad_fraction, cfg.data.min_reads_for_check,
-                              pin_memory=device.type == "cuda")
+        try:  # another dataset or data.seed than the checkpoint's: a config error, not a traceback
+            loader = PackedLoader(cfg.data.train, stream_spec(cfg), dims.dp_rank, dims.dp, cfg.data.num_workers,
+                                  position, cfg.data.max_bad_fraction, cfg.data.min_reads_for_check,
+                                  pin_memory=device.type == "cuda")
+        except ValueError as e:
+            raise ConfigError(f"data.train={cfg.data.train!r}: {e}") from e
     logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), run_id)
     trainer = Trainer(cfg, dims, engine, ema, build_objective(cfg.diffusion), ckpt, logger, loader, manifest, step,
                       device)

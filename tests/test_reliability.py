@@ -400,3 +400,22 @@ def test_the_validation_line_does_not_read_like_a_training_line(tmp_path, capsys
     log.close()
     train, val = capsys.readouterr().out.splitlines()
     assert "loss=0.5" in train and "val_loss=0.25" in val and " loss=" not in val
+
+
+def test_half_written_checkpoints_count_as_free_space_and_are_named_when_it_is_short(dataset, tmp_path, monkeypatch):
+    """A full disk while saving leaves a step directory without COMPLETE; the next start must not be refused for
+    the room it takes without saying so (train.build removes it under the run's lock)."""
+    import shutil
+
+    from sora_train import preflight as pf
+
+    half = tmp_path / "checkpoints" / "step_00000009"
+    half.mkdir(parents=True)
+    (half / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"\0" * 1_000_000)
+    monkeypatch.setattr(pf, "checkpoint_bytes", lambda params, stage: 1_200_000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 500_000))
+    cfg = compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}")
+    pf.preflight(cfg)  # 0.5 MB free + 1 MB reclaimable >= 1.2 MB
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 100_000))
+    with pytest.raises(pf.ConfigError, match=r"step_00000009 \(0.00 GB\) is a half-written checkpoint, safe to delete"):
+        pf.preflight(cfg)

@@ -43,6 +43,20 @@ def find_latest(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def half_written(root: str | Path) -> list[Path]:
+    """Step directories without a COMPLETE marker (a crash or a full disk while saving) and unfinished universal
+    conversions: never resumed from, only in the way (disk space)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted([d for d in root.glob("step_*") if STEP_DIR.match(d.name) and not is_complete(d)]
+                  + list(root.glob("step_*_universal.tmp")))
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -101,6 +115,13 @@ class CheckpointManager:
         for p in dirs:  # half-written directories older than the one just published
             if not is_complete(p) and p.name < keep.name:
                 shutil.rmtree(p, ignore_errors=True)
+
+    def remove_half_written(self) -> list[Path]:
+        """Rank 0, holding the run directory's lock (so no other run is writing here)."""
+        found = half_written(self.root)
+        for d in found:
+            shutil.rmtree(d, ignore_errors=True)
+        return found
 
     def read_meta(self, step_dir: Path) -> dict:
         step_dir = Path(step_dir)
