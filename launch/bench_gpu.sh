@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md ("GPU"), as they were measured: ~10 minutes on one H100/H200.
+# The GPU figures of docs/performance.md ("GPU"), as they were measured (the model loop: sora-bench model
+# --bare; the trainer's own step: launch/gpu_check.sh): ~10 minutes on one H100/H200.
 #   bash launch/bench_gpu.sh [OUT_DIR]      (the package importable: pip install -e . or PYTHONPATH)
 # Kernels are named (varlen:torch_varlen, varlen:sdpa) where a row of the table was measured with one,
 # so that the auto choice (`varlen`, which picks by sample length) does not change what is compared.
@@ -30,11 +31,11 @@ for hd in "24 64" "12 128"; do
         --attention varlen:torch_varlen varlen:sdpa --json "$out/attention_1b_mix_${2}.json"
 done
 # 3. the presets, per backend (1B with its old 24 heads of 64 too)
-bench 170 model --model 1B --override model.heads=24 --seq-len 16384 65536 --attention flex varlen:torch_varlen \
+bench 170 model --bare --model 1B --override model.heads=24 --seq-len 16384 65536 --attention flex varlen:torch_varlen \
     --ac on --steps 3 --json "$out/1b_24heads.json"
-bench 90 model --model 1B --seq-len 65536 --attention varlen:torch_varlen varlen:sdpa --ac on --steps 3 \
+bench 90 model --bare --model 1B --seq-len 65536 --attention varlen:torch_varlen varlen:sdpa --ac on --steps 3 \
     --json "$out/1b.json" --profile "$out/profile_1b_64k.txt" | grep -v '^ '
-bench 130 model --model XL --seq-len 16384 --attention sdpa flex varlen:torch_varlen --ac on --steps 3 --json "$out/xl.json"
-bench 60 model --model XL --seq-len 65536 --attention varlen:torch_varlen --ac on --steps 3 --json "$out/xl_64k.json"
-bench 110 model --model B --seq-len 16384 65536 --attention sdpa flex varlen:torch_varlen --ac off --steps 3 \
+bench 130 model --bare --model XL --seq-len 16384 --attention sdpa flex varlen:torch_varlen --ac on --steps 3 --json "$out/xl.json"
+bench 60 model --bare --model XL --seq-len 65536 --attention varlen:torch_varlen --ac on --steps 3 --json "$out/xl_64k.json"
+bench 110 model --bare --model B --seq-len 16384 65536 --attention sdpa flex varlen:torch_varlen --ac off --steps 3 \
     --json "$out/b.json"
