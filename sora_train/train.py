@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import math
-import os
 import signal
 import sys
 import time
@@ -32,6 +30,7 @@ from .generate import generate_latents, latent_grid, to_frames, write_videos
 from .models import DiT
 from .models.flops import device_peak_tflops, train_flops
 from .parallel import gather_sequence, init_distributed, parallelize, shard_sequence
+from .parallel import env as dist_env
 from .parallel.collectives import all_reduce_values
 from .preflight import ConfigError, dit_args, preflight
 
@@ -351,7 +350,8 @@ def describe_run(cfg, engine, dims, device) -> str:
 def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (tests feed fixed batches)."""
     manifest = preflight(cfg, check_data=loader is None)  # refuses bad config before any process group or data work
-    lock = RunLock(cfg.out_dir).acquire() if int(os.environ.get("RANK", 0)) == 0 else None  # one run per out_dir
+    # One run per out_dir. The rank from the launcher's variables (torchrun or srun): no process group exists yet.
+    lock = RunLock(cfg.out_dir).acquire() if dist_env.detect().rank == 0 else None
     dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
     device = torch.device(f"cuda:{dims.local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     torch.manual_seed(cfg.seed)
