@@ -217,6 +217,19 @@ class Trainer:
             self.logger.log(self.step, self.validate())  # the final model's, unless the loop just measured it
         return self.losses
 
+    def close(self) -> None:
+        """After the last step on every rank: the logger, then the process group (its communicator threads, left
+        to interpreter exit, sometimes aborted a rank there: "terminate called without an active exception"),
+        then the run directory's lock."""
+        self.logger.close()
+        if self.ids_file is not None:
+            self.ids_file.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        if self.lock is not None:
+            self.lock.release()
+
     def stop_on_nonfinite(self) -> None:
         finite = all(bool(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all())
                      for p in self.engine.module.parameters())
@@ -403,6 +416,7 @@ def run(cfg) -> list[float]:
         losses = trainer.train()
         if cfg.logging.sample_prompts:
             trainer.sample()
+        trainer.close()
     finally:
         trainer.logger.close()
     return losses

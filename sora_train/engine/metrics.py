@@ -80,7 +80,7 @@ class MetricLogger:
                          step=step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.jsonl.closed:
             self.jsonl.close()
             if self.run is not None:
                 self.run.finish()

@@ -81,6 +81,7 @@ def main():
         trainer.logger.close()
     if trainer.dims.is_main:
         Path(out).write_text(json.dumps({"device": str(trainer.device), "records": RECORDS}))
+    trainer.close()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def main():
     for out, overrides in json.loads(open(sys.argv[1]).read()).items():
         run(out, overrides)
         deepspeed.utils.groups.mpu = None  # DeepSpeed keeps the last engine's mpu (SP groups) for the next one
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # not left to interpreter exit (Trainer.close says why)
 
 
 def run(out, overrides):

@@ -42,6 +42,7 @@ def main():
         trainer.logger.close()
     finite = all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
     print(f"FINAL step={trainer.step} params_finite={finite} nonfinite_steps={trainer.skipped_steps}")
+    trainer.close()
 
 
 if __name__ == "__main__":
