@@ -217,7 +217,7 @@ class Trainer:
             self.logger.log(self.step, self.validate())  # the final model's, unless the loop just measured it
         return self.losses
 
-    def close(self) -> None:
+    def close(self, keep_process_group: bool = False) -> None:
         """After the last step on every rank: the logger, then the process group (its communicator threads, left
         to interpreter exit, sometimes aborted a rank there: "terminate called without an active exception"),
         then the run directory's lock."""
@@ -226,7 +226,8 @@ class Trainer:
             self.ids_file.close()
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            if not keep_process_group:
+                dist.destroy_process_group()
         if self.lock is not None:
             self.lock.release()
 
@@ -410,13 +411,15 @@ def build(cfg, loader=None) -> Trainer:
     return trainer
 
 
-def run(cfg) -> list[float]:
+def run(cfg, keep_process_group: bool = False) -> list[float]:
+    """keep_process_group: the jobs of a Hydra sweep run one after another in one process, and DeepSpeed keeps
+    its groups between them."""
     trainer = build(cfg)
     try:
         losses = trainer.train()
         if cfg.logging.sample_prompts:
             trainer.sample()
-        trainer.close()
+        trainer.close(keep_process_group)
     finally:
         trainer.logger.close()
     return losses
@@ -427,11 +430,11 @@ def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:  # each sweep job in its own run directory (conf/train.yaml: hydra.sweep)
-        cfg.out_dir = hc.runtime.output_dir
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweep:  # each sweep job in its own run directory (conf/train.yaml: hydra.sweep)
+        cfg.out_dir = HydraConfig.get().runtime.output_dir
     try:
-        run(cfg)
+        run(cfg, keep_process_group=sweep)
     except (ConfigError, RunDirInUse) as e:
         sys.exit(f"config error: {e}")
     except (DataQualityError, NoUsableSamples) as e:
