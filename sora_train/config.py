@@ -18,21 +18,23 @@ from .parallel.deepspeed_config import ParallelConfig
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
-    in_channels: int = 48
+    """Defaults are the cluster presets' shared values (conf/model/*.yaml set only their sizes); the CPU preset
+    `tiny` overrides the codec and text widths for the built-in pixel codec and MiniLM."""
+    name: str = "custom"
+    in_channels: int = 16  # a video VAE's latent channels (e.g. Wan 2.1); override for other codecs
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
     dim: int = 192
     depth: int = 5
     heads: int = 6
     mlp_ratio: float = 4.0
-    text_dim: int = 384
+    text_dim: int = 4096  # a T5-XXL-class text encoder; override for others
     cross_attention: bool = True
     pooled_text: bool = True
     qk_norm: bool = True
     frac_pos: bool = False  # NaViT fractional position embeddings on top of 3D RoPE
     frac_pos_joint: bool = False  # frac_pos also as waves across axes (t+w, h-t, ...), not only along each
     rope_theta: float = 10000.0
-    attention: str = "sdpa"
+    attention: str = "varlen"  # faster than flex and sdpa in every GPU measurement (docs/performance.md)
     max_segments: int = 64
 
 
