@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import re
 import signal
 import sys
 import time
@@ -438,7 +439,9 @@ def main(cfg) -> None:
     except (ConfigError, RunDirInUse) as e:
         sys.exit(f"config error: {e}")
     except (DataQualityError, NoUsableSamples) as e:
-        sys.exit(f"data error: {e}")
+        # From a loader worker the message carries the worker's traceback; its last line is the cause.
+        cause = re.sub(rf"^([\w.]+\.)?{type(e).__name__}: ", "", str(e).strip().splitlines()[-1])
+        sys.exit(f"data error: {cause}")
     except KeyboardInterrupt:
         print("interrupted twice: stopped without saving", file=sys.stderr)
         sys.exit(130)
