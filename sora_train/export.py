@@ -42,8 +42,9 @@ def fp32_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     except Exception as e:  # a damaged file raises anything from the unpickler: name the file instead
-        raise ValueError(f"{files[0]} cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged; export "
-                         f"an earlier step") from e
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{files[0]} cannot be read ({type(e).__name__}: {first}): the checkpoint is damaged; "
+                         f"export an earlier step") from e
     bad = {n: t.dtype for n, t in state.items() if t.dtype != torch.float32}
     if bad:  # stage 0 with bf16 would hold rounded weights here; export must not pass them off as masters
         raise ValueError(f"{files[0]}: module weights are not fp32 ({dict(list(bad.items())[:3])}), so they are "
