@@ -130,7 +130,7 @@ def run(cfg) -> dict:
     import torch
 
     from .codecs import codec_from_manifest_name
-    from .codecs.text import HFTextEncoder
+    from .codecs.text import text_encoder_named
     from .diffusion import build_objective, check_sampler
     from .generate import generate_latents, latent_grid, to_frames
     from .sample import diffusion_from_meta, load_for_sampling
@@ -145,8 +145,7 @@ def run(cfg) -> dict:
         torch.manual_seed(0)
         model = DiT(model.args).eval()
     manifest = meta["manifest"]
-    encoder = HFTextEncoder(None if manifest["text_encoder"]["name"] == "minilm"
-                            else manifest["text_encoder"]["name"].removeprefix("hf:"))
+    encoder = text_encoder_named(manifest["text_encoder"]["name"])
     codec = codec_from_manifest_name(manifest["codec"]["name"])
     a = model.args
     items = eval_prompts(cfg.seed, cfg.per_pair)

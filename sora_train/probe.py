@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from .codecs.text import HFTextEncoder
+from .codecs.text import text_encoder_named
 from .models.dit import pool_segments
 from .sample import load_for_sampling
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     model, meta = load_for_sampling(a.checkpoint, not a.no_ema)
     name = (meta.get("manifest") or {}).get("text_encoder", {}).get("name", "minilm")
-    encoder = HFTextEncoder(None if name == "minilm" else name.removeprefix("hf:"))
+    encoder = text_encoder_named(name)
     words = encoder.tokenizer.convert_ids_to_tokens(encoder.tokenizer(a.prompt).input_ids)
     states = [torch.from_numpy(s).float() for s in encoder.encode([a.prompt, *a.pair])]
     mass = cross_attention_mass(model, states[0], t=a.t)  # [depth, H, L]

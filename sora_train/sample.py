@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from . import CONF_DIR
 from .codecs import codec_from_manifest_name
-from .codecs.text import HFTextEncoder
+from .codecs.text import text_encoder_named
 from .config import register, saved_model_config
 from .diffusion import DDPMConfig, DiffusionConfig, FlowConfig, build_objective, check_sampler
 from .engine.checkpoint import find_latest, is_complete
@@ -61,7 +61,7 @@ def run(cfg) -> list[Path]:
     if not manifest and not cfg.text_encoder:
         raise ValueError("the checkpoint names no dataset manifest: set text_encoder=<local HF dir>")
     text_name = cfg.text_encoder or manifest["text_encoder"]["name"]
-    encoder = HFTextEncoder(None if text_name == "minilm" else text_name.removeprefix("hf:"), device=device)
+    encoder = text_encoder_named(text_name, device=device)
     codec = codec_from_manifest_name(manifest["codec"]["name"], device=str(device))
     a = model.args
     grid = latent_grid(codec, a.patch_size, cfg.frames, cfg.height, cfg.width)

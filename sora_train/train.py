@@ -96,6 +96,7 @@ class Trainer:
         self.bad_steps, self.skipped_steps = 0, 0
         self.ids_file = None
         self.lock = None  # the out_dir's RunLock (rank 0), held for the trainer's life
+        self._sampling = None  # (text encoder, codec), built at the first sample
         self.losses: list[float] = []
 
     # -- one micro-batch ------------------------------------------------------------------------
@@ -247,7 +248,8 @@ class Trainer:
         dist.all_gather_object(parts, self.loader.state_dict() if self.dims.sp_rank == 0 else None)
         position = StreamPosition.merge([StreamPosition.from_state_dict(p) for p in parts if p is not None],
                                         base=self.loader.start)
-        meta = {"wandb_id": self.logger.run_id, "config": to_container(self.cfg), "manifest": manifest_header(self.manifest)}
+        meta = {"wandb_id": self.logger.run_id, "config": to_container(self.cfg), "manifest": manifest_header(self.manifest),
+                "nonfinite_steps": self.skipped_steps}  # a resumed run keeps counting from here
         return self.ckpt.save(self.engine, self.step, self.ema, position.state_dict(), meta)
 
     def full_forward(self, x, t, pos, seg, text, text_seg, extent):
@@ -287,15 +289,21 @@ class Trainer:
         return (masked_mse_sum(pred, target, batch.seg, self.objective.loss_weight(t_tok)) / batch.real_tokens).item()
 
     @torch.no_grad()
+    def sampling_pipeline(self):
+        """(text encoder, codec) for samples during training: built on the first call, then kept (a T5-XXL-class
+        encoder is ~19 GB to load; it used to be rebuilt on every rank at every logging.sample_every)."""
+        if self._sampling is None:
+            from .codecs.text import text_encoder_named
+
+            self._sampling = (text_encoder_named(self.manifest["text_encoder"]["name"]),
+                              codec_from_manifest_name(self.manifest["codec"]["name"]))
+        return self._sampling
+
     def sample(self) -> list[Path]:
         prompts = list(self.cfg.logging.sample_prompts)
         if not prompts or self.manifest is None:
             return []
-        from .codecs.text import HFTextEncoder
-
-        text_name = self.manifest["text_encoder"]["name"]
-        encoder = HFTextEncoder(None if text_name == "minilm" else text_name.removeprefix("hf:"))
-        codec = codec_from_manifest_name(self.manifest["codec"]["name"])
+        encoder, codec = self.sampling_pipeline()
         grid = latent_grid(codec, self.args.patch_size, 8, 48, 48)
         dc = self.cfg.diffusion
         latents = generate_latents(self.full_forward, self.objective, encoder.encode(prompts), grid,
@@ -391,10 +399,11 @@ def build(cfg, loader=None) -> Trainer:
     if dims.is_main:
         print(describe_run(cfg, engine, dims, device), flush=True)
     ema = EMA(engine.module, cfg.ema.decay, dims.rank, dims.world_size) if cfg.ema.enabled else None
-    step, position, run_id = 0, None, None
+    step, position, run_id, skipped = 0, None, None, 0
     if src is not None:
         meta = ckpt.load(engine, src, ema)
         step, position, run_id = meta["step"], meta["data_position"], meta.get("wandb_id")
+        skipped = meta.get("nonfinite_steps", 0)
         if dims.is_main:
             print(f"resumed from {src} at step {step} (saved on {meta['world_size']} ranks, now {dims.world_size})",
                   flush=True)
@@ -408,7 +417,7 @@ def build(cfg, loader=None) -> Trainer:
     logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), run_id)
     trainer = Trainer(cfg, dims, engine, ema, build_objective(cfg.diffusion), ckpt, logger, loader, manifest, step,
                       device)
-    trainer.lock = lock
+    trainer.lock, trainer.skipped_steps = lock, skipped
     return trainer
 
 

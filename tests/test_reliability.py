@@ -419,3 +419,26 @@ def test_half_written_checkpoints_count_as_free_space_and_are_named_when_it_is_s
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 100_000))
     with pytest.raises(pf.ConfigError, match=r"step_00000009 \(0.00 GB\) is a half-written checkpoint, safe to delete"):
         pf.preflight(cfg)
+
+
+def test_the_count_of_nonfinite_steps_survives_a_resume(dataset, tmp_path):
+    r = run_faults(tmp_path, dataset, "2", **{"optim.steps": 4, "checkpoint.every": 2})
+    assert "FINAL step=4 params_finite=True nonfinite_steps=1" in r.stdout, r.stderr[-2000:]
+    r = run_faults(tmp_path, dataset, "6", **{"optim.steps": 6, "checkpoint.every": 2})  # resumes at 4
+    assert "FINAL step=6 params_finite=True nonfinite_steps=2" in r.stdout, (r.stdout[-1000:], r.stderr[-2000:])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [row["train/nonfinite_steps"] for row in rows if "train/nonfinite_steps" in row] == [1, 2]
+
+
+def test_training_time_samples_build_the_text_encoder_and_codec_once(monkeypatch):
+    """A T5-XXL-class encoder is ~19 GB to load: it used to be rebuilt on every rank at every sample_every."""
+    from sora_train import train
+    from sora_train.codecs import text
+
+    built = []
+    monkeypatch.setattr(text, "text_encoder_named", lambda name, device="cpu": built.append(name) or object())
+    monkeypatch.setattr(train, "codec_from_manifest_name", lambda name: built.append(name) or object())
+    trainer = object.__new__(train.Trainer)
+    trainer._sampling, trainer.manifest = None, {"text_encoder": {"name": "minilm"}, "codec": {"name": "pixel"}}
+    first = trainer.sampling_pipeline()
+    assert trainer.sampling_pipeline() is first and built == ["minilm", "pixel"]

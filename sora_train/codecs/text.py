@@ -52,3 +52,9 @@ def minilm_path_or_none() -> str | None:
         return minilm_path()
     except ImportError:
         return None
+
+
+def text_encoder_named(name: str, device="cpu") -> HFTextEncoder:
+    """The encoder a manifest names ("minilm", or "hf:<local dir>" as HFTextEncoder.name writes it): the one place
+    sampling, evaluation, probing and training-time samples rebuild it from a dataset's identity."""
+    return HFTextEncoder(None if name == "minilm" else name.removeprefix("hf:"), device=device)
