@@ -35,9 +35,9 @@ def train_config(name: str, overrides: list[str] = ()):
 
 
 def load_preset(name: str, overrides: list[str] = ()) -> "DiTArgs":  # noqa: F821
-    from .preflight import dit_args
+    from .config import model_args
 
-    return dit_args(train_config(name, overrides).model)
+    return model_args(train_config(name, overrides).model)
 
 
 class SyntheticPackedLoader:
@@ -113,9 +113,9 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
     cfg = train_config(name, [*overrides, f"data.seq_len={seq_len}", f"data.rows={rows}", f"model.attention={attention}",
                               f"parallel.activation_checkpointing={ac}", "ema.enabled=true", "data.train=synthetic",
                               "logging.wandb.mode=disabled", f"out_dir={out}"])
-    from .preflight import dit_args
+    from .config import model_args
 
-    args = dit_args(cfg.model)
+    args = model_args(cfg.model)
     loader = SyntheticPackedLoader(args, seq_len, rows)
     trainer = build(cfg, loader=loader)
     device, batches = trainer.device, iter(loader)

@@ -13,29 +13,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from .diffusion import DiffusionConfig
+from .models import DiTArgs
 from .parallel.deepspeed_config import ParallelConfig
-
-
-@dataclass
-class ModelConfig:
-    """Defaults are the cluster presets' shared values (conf/model/*.yaml set only their sizes); the CPU preset
-    `tiny` overrides the codec and text widths for the built-in pixel codec and MiniLM."""
-    name: str = "custom"
-    in_channels: int = 16  # a video VAE's latent channels (e.g. Wan 2.1); override for other codecs
-    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
-    dim: int = 192
-    depth: int = 5
-    heads: int = 6
-    mlp_ratio: float = 4.0
-    text_dim: int = 4096  # a T5-XXL-class text encoder; override for others
-    cross_attention: bool = True
-    pooled_text: bool = True
-    qk_norm: bool = True
-    frac_pos: bool = False  # NaViT fractional position embeddings on top of 3D RoPE
-    frac_pos_joint: bool = False  # frac_pos also as waves across axes (t+w, h-t, ...), not only along each
-    rope_theta: float = 10000.0
-    attention: str = "varlen"  # faster than flex and sdpa in every GPU measurement (docs/performance.md)
-    max_segments: int = 64
 
 
 @dataclass
@@ -119,7 +98,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     watchdog_s: float = 900.0  # no step finished in this long: dump stacks and abort (hang protection)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: DiTArgs = field(default_factory=DiTArgs)  # the model's own arguments are the schema
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -177,8 +156,13 @@ def to_container(cfg: Any) -> dict:
 def saved_model_config(saved: dict):
     """A checkpoint's model config on today's schema: keys added since it was written take their defaults.
     Keys this schema does not know (a checkpoint from a newer sora_train) are refused by name."""
-    unknown = sorted(set(saved) - set(ModelConfig.__dataclass_fields__))
+    unknown = sorted(set(saved) - set(DiTArgs.__dataclass_fields__))
     if unknown:
         raise ValueError(f"the checkpoint's model config has keys this sora_train does not know: "
                          f"{', '.join('model.' + k for k in unknown)} (written by a newer version?)")
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), saved)
+    return OmegaConf.merge(OmegaConf.structured(DiTArgs), saved)
+
+
+def model_args(node) -> DiTArgs:
+    """The `model` node as the object it describes (Hydra hands a DictConfig of the DiTArgs schema)."""
+    return node if isinstance(node, DiTArgs) else OmegaConf.to_object(node)

@@ -15,19 +15,13 @@ from .data import check_manifest, list_shards, load_manifest
 from .data.stream import check_readers
 from .engine.checkpoint import dir_bytes, half_written
 from .diffusion import OBJECTIVES, check_sampler
-from .models import VARLEN_KERNELS, DiTArgs, build_attention, count_params
+from .config import model_args
+from .models import VARLEN_KERNELS, build_attention, count_params
 from .parallel import check_degrees
 
 
 class ConfigError(ValueError):
     pass
-
-
-def dit_args(m) -> DiTArgs:
-    return DiTArgs(in_channels=m.in_channels, patch_size=tuple(m.patch_size), dim=m.dim, depth=m.depth,
-                   heads=m.heads, mlp_ratio=m.mlp_ratio, text_dim=m.text_dim, cross_attention=m.cross_attention, pooled_text=m.pooled_text,
-                   qk_norm=m.qk_norm, rope_theta=m.rope_theta, attention=m.attention, max_segments=m.max_segments,
-                   frac_pos=m.frac_pos, frac_pos_joint=m.frac_pos_joint)
 
 
 # Values a run cannot use, refused by key before any work (a negative step count used to exit 0 having done
@@ -72,7 +66,7 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
     """Returns the dataset manifest (or None for pipe: sources without one, or with check_data=False: a caller
     that feeds its own batches, as sora-bench does)."""
     check_values(cfg)
-    args = dit_args(cfg.model)
+    args = model_args(cfg.model)
     try:
         args.validate()
     except ValueError as e:

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from . import CONF_DIR
 from .codecs import codec_from_manifest_name
 from .codecs.text import text_encoder_named
-from .config import register, saved_model_config
+from .config import model_args, register, saved_model_config
 from .diffusion import DDPMConfig, DiffusionConfig, FlowConfig, build_objective, check_sampler
 from .engine.checkpoint import find_latest, is_complete
 from .generate import generate_latents, latent_grid, to_frames, write_videos
 from .models import DiT
-from .preflight import dit_args
+
 
 register()
 
@@ -39,7 +39,7 @@ def load_for_sampling(path: str | Path, use_ema: bool = True) -> tuple[DiT, dict
         meta = json.loads((step_dir / "meta.json").read_text())
         use_ema = use_ema and (step_dir / "ema" / "layout.json").exists()
         state = consolidated_ema(step_dir) if use_ema else fp32_weights(step_dir)
-    model = DiT(dit_args(saved_model_config(meta["config"]["model"])))
+    model = DiT(model_args(saved_model_config(meta["config"]["model"])))
     model.load_state_dict(state, strict=True)
     return model.eval(), meta
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from . import CONF_DIR
 from .codecs import codec_from_manifest_name
-from .config import register, saved_model_config, to_container
+from .config import model_args, register, saved_model_config, to_container
 from .data import DataQualityError, PackedLoader, StreamPosition, StreamSpec
 from .data.stream import NoUsableSamples
 from .diffusion import build_objective, masked_mse_sum, per_token
@@ -33,7 +33,7 @@ from .models.flops import device_peak_tflops, train_flops
 from .parallel import gather_sequence, init_distributed, parallelize, shard_sequence
 from .parallel import env as dist_env
 from .parallel.collectives import all_reduce_values
-from .preflight import ConfigError, dit_args, preflight
+from .preflight import ConfigError, preflight
 
 warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)  # torch 2.14 on ZeRO-3 collectives
 register()
@@ -90,7 +90,7 @@ class Trainer:
         self.ckpt, self.logger, self.loader, self.manifest, self.step = ckpt, logger, loader, manifest, step
         self.device = device
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-        self.args = dit_args(cfg.model)
+        self.args = model_args(cfg.model)
         self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size)
         self.stop = StopRequested()
         self.bad_steps, self.skipped_steps = 0, 0
@@ -393,7 +393,7 @@ def build(cfg, loader=None) -> Trainer:
     resharding = saved is not None and saved["world_size"] != dims.world_size
     if resharding:
         ckpt.prepare_resharding(src)
-    args = dit_args(cfg.model)
+    args = model_args(cfg.model)
     engine = parallelize(lambda: DiT(args), cfg.parallel, cfg.optim, cfg.data.rows, dims, device,
                          load_universal=resharding)
     if dims.is_main:

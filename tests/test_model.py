@@ -16,7 +16,7 @@ from sora_train.models.flops import forward_flops
 from sora_train.models.layers import FractionalPositions
 
 ARGS = DiTArgs(in_channels=8, patch_size=(1, 2, 2), dim=48, depth=2, heads=4, text_dim=16, max_segments=8,
-               frac_pos=True, frac_pos_joint=True)
+               attention="sdpa", frac_pos=True, frac_pos_joint=True)
 
 
 def make_items(n=3, seed=0):
@@ -309,9 +309,10 @@ def test_probe_recomputes_the_cross_attention_the_model_applies():
     v = module.kv(text).unflatten(-1, (2, 4, 6))[..., 1, :, :]
     assert torch.allclose(module.proj(torch.einsum("bhsl,blhd->bshd", probs, v).flatten(2)), out, atol=1e-5)
 
-    model = DiT(DiTArgs(in_channels=3, patch_size=(1, 2, 2), dim=24, depth=2, heads=4, text_dim=16))
+    model = DiT(DiTArgs(in_channels=3, patch_size=(1, 2, 2), dim=24, depth=2, heads=4, text_dim=16, attention="sdpa"))
     mass = cross_attention_mass(model, torch.randn(7, 16), grid=(2, 2, 2))
     assert mass.shape == (2, 4, 7) and torch.allclose(mass.sum(-1), torch.ones(2, 4))
     with pytest.raises(ValueError, match="no cross-attention"):
-        cross_attention_mass(DiT(DiTArgs(in_channels=3, dim=24, depth=1, heads=4, cross_attention=False)),
+        cross_attention_mass(DiT(DiTArgs(in_channels=3, dim=24, depth=1, heads=4, text_dim=384, attention="sdpa",
+                                         cross_attention=False)),
                              torch.randn(7, 16))

@@ -19,29 +19,39 @@ from .layers import CrossAttention, FractionalPositions, Linear, Mlp, RoPE3D, Se
 
 @dataclass
 class DiTArgs:
-    in_channels: int = 48  # latent channels of the codec
+    """The model's arguments, and the config schema of `model.*` (conf/model/*.yaml are presets of it): one class,
+    one set of defaults. The defaults' codec and text widths are the cluster presets' (a video VAE's 16 latent
+    channels, a T5-XXL-class encoder's 4096); the CPU preset `tiny` sets the pixel codec's and MiniLM's."""
+
+    name: str = "custom"  # the preset's name (logs, checkpoints)
+    in_channels: int = 16  # latent channels of the codec (a video VAE's, e.g. Wan 2.1)
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (t,h,w) in latent units
     dim: int = 192
-    depth: int = 6
+    depth: int = 5
     heads: int = 6
     mlp_ratio: float = 4.0
-    text_dim: int = 384  # text-encoder width
+    text_dim: int = 4096  # text-encoder width (a T5-XXL-class encoder)
     cross_attention: bool = True  # False: unconditional pretraining, no text
     pooled_text: bool = True  # add the mean text state to the adaLN conditioning (global signal, SD3-style)
     qk_norm: bool = True
     frac_pos: bool = False  # add NaViT fractional position embeddings (absolute place within the clip)
     frac_pos_joint: bool = False  # also waves across axes (t+w, h-t, ...)
     rope_theta: float = 10000.0
-    attention: str = "sdpa"  # sdpa | flex | varlen | naive
+    attention: str = "varlen"  # varlen | sdpa | flex | naive (varlen: fastest in every GPU measurement)
     max_segments: int = 64  # samples per packed row (varlen backend)
     freq_dim: int = 256
     eps: float = 1e-6
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)  # the config hands a list
 
     @property
     def patch_dim(self) -> int:
         return self.in_channels * math.prod(self.patch_size)
 
     def validate(self) -> None:
+        if len(self.patch_size) != 3:
+            raise ValueError(f"model.patch_size={list(self.patch_size)}: give (t, h, w), three sizes")
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
         if (self.dim // self.heads) % 2 or self.dim // self.heads < 6:

@@ -20,7 +20,7 @@ from sora_train import CONF_DIR  # noqa: E402
 from sora_train.config import register  # noqa: E402
 from sora_train.models import DiT  # noqa: E402
 from sora_train.parallel import build_partitioned, deepspeed_config, init_distributed  # noqa: E402
-from sora_train.preflight import dit_args  # noqa: E402
+from sora_train.config import model_args  # noqa: E402
 
 
 def peak_bytes() -> int:
@@ -36,7 +36,7 @@ def main():
     before = peak_bytes()
     torch.manual_seed(0)
     ds_config = deepspeed_config(cfg.parallel, 1, 1, dims.dp, 1.0, False)
-    model = build_partitioned(lambda: DiT(dit_args(cfg.model)), ds_config)
+    model = build_partitioned(lambda: DiT(model_args(cfg.model)), ds_config)
     after = peak_bytes()
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
