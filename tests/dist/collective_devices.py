@@ -17,11 +17,7 @@ import torch
 import torch.distributed as dist
 
 warnings.filterwarnings("ignore")
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from sora_train import CONF_DIR  # noqa: E402
-from sora_train.config import register  # noqa: E402
-from sora_train.train import build  # noqa: E402
+from faults import poisoned_trainer  # noqa: E402  (beside this file)
 
 PACKAGE = Path(__import__("sora_train").__file__).parent
 RECORDS: list[dict] = []
@@ -51,30 +47,12 @@ def spy(name: str):
     setattr(dist, name, wrapped)
 
 
-class Poisoned:
-    """One NaN input at the given step: the non-finite branch and its agreement run too."""
-
-    def __init__(self, loader, step: int, trainer):
-        self.loader, self.poison, self.trainer = loader, step, trainer
-        self.stats, self.state_dict, self.start = loader.stats, loader.state_dict, loader.start
-
-    def __iter__(self):
-        for b in self.loader:
-            if self.trainer.step + 1 == self.poison:
-                b.tokens[0, 0, 0] = float("nan")
-            yield b
-
-
 def main():
     out, poison = sys.argv[1], int(sys.argv[2])
     for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
                  "all_to_all_single", "reduce"):
         spy(name)
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=sys.argv[3:])
-    trainer = build(cfg)
-    trainer.loader = Poisoned(trainer.loader, poison, trainer)
+    trainer = poisoned_trainer({poison}, sys.argv[3:])  # tests/dist/faults.py
     try:
         trainer.train()
     finally:

@@ -29,13 +29,18 @@ class Poisoned:
             yield b
 
 
-def main():
-    poison = {int(s) for s in sys.argv[1].split(",") if s}
+def poisoned_trainer(poison: set[int], overrides: list[str]):
+    """The real trainer from `overrides`, its loader poisoned at the given steps."""
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=sys.argv[2:])
+        cfg = compose("train", overrides=overrides)
     trainer = build(cfg)
     trainer.loader = Poisoned(trainer.loader, poison, trainer)
+    return trainer
+
+
+def main():
+    trainer = poisoned_trainer({int(s) for s in sys.argv[1].split(",") if s}, sys.argv[2:])
     try:
         trainer.train()
     finally:
