@@ -291,9 +291,9 @@ def bench_packing(data: str, seq_len: int, batch: int, workers: int, lookahead: 
 
     m = load_manifest(data)
     # Endless stream, as in training (no end-of-data flush of partial rows); measured over 3 epochs.
-    spec = StreamSpec(seq_len=seq_len, text_len=512, rows=1, max_per_row=64, lookahead=lookahead, epochs=None,
-                      caption_dropout=0.0, patch=tuple(m["patch_size"]), channels=m["codec"]["latent_channels"],
-                      text_dim=m["text_encoder"]["width"])
+    spec = StreamSpec(seq_len=seq_len, text_len=512, rows=1, max_per_row=64, lookahead=lookahead, seed=0, epochs=None,
+                      caption_dropout=0.0, oversize="crop_time", patch=tuple(m["patch_size"]),
+                      channels=m["codec"]["latent_channels"], text_dim=m["text_encoder"]["width"])
     loader = PackedLoader(data, spec, num_workers=workers)
     t0, real, total, sizes, grids = time.perf_counter(), 0, 0, [], []
     for b in loader:

@@ -12,26 +12,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .data.config import DataConfig
 from .diffusion import DiffusionConfig
 from .models import DiTArgs
 from .parallel.deepspeed_config import ParallelConfig
-
-
-@dataclass
-class DataConfig:
-    train: str = MISSING  # shard source: directory, brace pattern, or pipe: command(s)
-    val: Optional[str] = None
-    seq_len: int = 2048
-    text_len: int = 256
-    rows: int = 1  # rows per micro-batch
-    max_per_row: int = 64
-    lookahead: int = 64
-    num_workers: int = 1
-    seed: int = 0
-    caption_dropout: float = 0.1
-    oversize: str = "crop_time"
-    max_bad_fraction: float = 0.05
-    min_reads_for_check: int = 200
 
 
 @dataclass

@@ -264,7 +264,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """val/loss at the training distribution of t, and val/loss_t<v> at each fixed t in
         logging.val_timesteps; the same noise every time, so values are comparable across steps."""
-        spec = stream_spec(self.cfg, caption_dropout=0.0, epochs=1)
+        spec = StreamSpec.of(self.cfg.data, self.cfg.model, caption_dropout=0.0, epochs=1)
         loader = PackedLoader(self.cfg.data.val, spec, self.dims.dp_rank, self.dims.dp, num_workers=0)
         fixed = list(self.cfg.logging.val_timesteps)
         totals, n = [0.0] * (1 + len(fixed)), 0
@@ -319,14 +319,6 @@ class Trainer:
 
 def manifest_header(manifest: dict | None) -> dict | None:
     return None if manifest is None else {k: v for k, v in manifest.items() if k != "shards"}
-
-
-def stream_spec(cfg, **override) -> StreamSpec:
-    d = cfg.data
-    kw = dict(seq_len=d.seq_len, text_len=d.text_len, rows=d.rows, max_per_row=d.max_per_row, lookahead=d.lookahead,
-              seed=d.seed, epochs=None, caption_dropout=d.caption_dropout, oversize=d.oversize,
-              patch=tuple(cfg.model.patch_size), channels=cfg.model.in_channels, text_dim=cfg.model.text_dim)
-    return StreamSpec(**{**kw, **override})
 
 
 def resume_point(cfg, ckpt_root: Path) -> Path | None:
@@ -409,9 +401,9 @@ def build(cfg, loader=None) -> Trainer:
                   flush=True)
     if loader is None:
         try:  # another dataset or data.seed than the checkpoint's: a config error, not a traceback
-            loader = PackedLoader(cfg.data.train, stream_spec(cfg), dims.dp_rank, dims.dp, cfg.data.num_workers,
-                                  position, cfg.data.max_bad_fraction, cfg.data.min_reads_for_check,
-                                  pin_memory=device.type == "cuda")
+            loader = PackedLoader(cfg.data.train, StreamSpec.of(cfg.data, cfg.model), dims.dp_rank, dims.dp,
+                                  cfg.data.num_workers, position, cfg.data.max_bad_fraction,
+                                  cfg.data.min_reads_for_check, pin_memory=device.type == "cuda")
         except ValueError as e:
             raise ConfigError(f"data.train={cfg.data.train!r}: {e}") from e
     logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), run_id)

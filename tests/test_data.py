@@ -15,8 +15,8 @@ from sora_train.data import (DataQualityError, ManifestMismatch, PackedLoader, S
                              check_manifest, list_shards, load_manifest, unpack)
 from sora_train.video_io import read_video
 
-SPEC = StreamSpec(seq_len=512, text_len=96, rows=2, max_per_row=16, lookahead=8, epochs=1, caption_dropout=0.0,
-                  patch=(1, 2, 2), channels=48, text_dim=384)
+SPEC = StreamSpec(seq_len=512, text_len=96, rows=2, max_per_row=16, lookahead=8, seed=0, epochs=1, caption_dropout=0.0,
+                  oversize="crop_time", patch=(1, 2, 2), channels=48, text_dim=384)
 
 
 def all_keys(loader):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader
 
+from .config import DataConfig
 from .packing import PackedBatch
 from .position import StreamPosition
 from .shards import fingerprint, list_shards, load_manifest
@@ -36,8 +37,9 @@ class DataStats:
 
 class PackedLoader:
     def __init__(self, sources, spec: StreamSpec, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
-                 position: dict | None = None, max_bad_fraction: float = 0.05, min_reads_for_check: int = 100,
-                 prefetch_factor: int = 2, pin_memory: bool = False):
+                 position: dict | None = None, max_bad_fraction: float = DataConfig.max_bad_fraction,
+                 min_reads_for_check: int = DataConfig.min_reads_for_check, prefetch_factor: int = 2,
+                 pin_memory: bool = False):
         self.urls = list_shards(sources)
         self.spec, self.dp_rank, self.dp_size = spec, dp_rank, dp_size
         self.workers = max(num_workers, 1)

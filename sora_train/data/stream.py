@@ -20,20 +20,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything that fixes the stream; the loader's slice of the run config."""
+    """Everything that fixes the stream: the loader's slice of the run config (`data.*` and the model's patch
+    and widths), with no defaults of its own (DataConfig holds them; StreamSpec.of builds one from the config)."""
 
-    seq_len: int = 4096
-    text_len: int = 256
-    rows: int = 1  # rows per micro-batch
-    max_per_row: int = 64
-    lookahead: int = 64
-    seed: int = 0
-    epochs: int | None = None  # None: stream forever, epoch after epoch
-    caption_dropout: float = 0.1
-    oversize: str = "crop_time"  # or "skip"
-    patch: tuple[int, int, int] = (1, 2, 2)
-    channels: int = 48
-    text_dim: int = 384
+    seq_len: int
+    text_len: int
+    rows: int  # rows per micro-batch
+    max_per_row: int
+    lookahead: int
+    seed: int
+    epochs: int | None  # None: stream forever, epoch after epoch
+    caption_dropout: float
+    oversize: str  # crop_time | skip
+    patch: tuple[int, int, int]
+    channels: int
+    text_dim: int
+
+    @classmethod
+    def of(cls, data, model, **override) -> "StreamSpec":
+        """From the `data` and `model` config nodes; `override` replaces fields (validation: epochs=1, ...)."""
+        kw = dict(seq_len=data.seq_len, text_len=data.text_len, rows=data.rows, max_per_row=data.max_per_row,
+                  lookahead=data.lookahead, seed=data.seed, epochs=None, caption_dropout=data.caption_dropout,
+                  oversize=data.oversize, patch=tuple(model.patch_size), channels=model.in_channels,
+                  text_dim=model.text_dim)
+        return cls(**{**kw, **override})
 
 
 def permutation(n: int, *key: int) -> np.ndarray:

@@ -22,7 +22,8 @@ from sora_train import CONF_DIR  # noqa: E402
 from sora_train.config import register  # noqa: E402
 from sora_train.data import PackedLoader  # noqa: E402
 from sora_train.parallel.collectives import all_reduce_values  # noqa: E402
-from sora_train.train import build, stream_spec  # noqa: E402
+from sora_train.data import StreamSpec  # noqa: E402
+from sora_train.train import build  # noqa: E402
 
 
 class FixedBatches:
@@ -59,7 +60,7 @@ def run(out, overrides):
     world = int(os.environ["WORLD_SIZE"])
     steps, ga = cfg.optim.steps, cfg.optim.grad_accum
     n_global = steps * ga * world // cfg.parallel.sp
-    spec = stream_spec(cfg, caption_dropout=0.0)
+    spec = StreamSpec.of(cfg.data, cfg.model, caption_dropout=0.0)
     batches = []
     for b in PackedLoader(cfg.data.train, spec):
         batches.append(b)
