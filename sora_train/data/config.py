@@ -1,0 +1,26 @@
+"""The data pipeline's config schema (`data.*`): the one source of its defaults (StreamSpec and PackedLoader
+take theirs from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # shard source: directory, brace pattern, or pipe: command(s)
+    val: Optional[str] = None
+    seq_len: int = 2048  # tokens per packed row
+    text_len: int = 256  # text tokens per packed row (all of its samples' captions)
+    rows: int = 1  # rows per micro-batch
+    max_per_row: int = 64  # samples per row
+    lookahead: int = 64  # samples the packer chooses from
+    num_workers: int = 1  # loader processes per data-parallel rank
+    seed: int = 0
+    caption_dropout: float = 0.1  # share of samples trained without their caption (classifier-free guidance)
+    oversize: str = "crop_time"  # a sample over seq_len: crop_time (keep the first frames that fit) | skip
+    max_bad_fraction: float = 0.05  # more bad samples than this share of reads stops the run
+    min_reads_for_check: int = 200  # reads before the bad fraction is judged
