@@ -1,4 +1,4 @@
-"""Runs the real trainer under torchrun on fixed global batches and writes what tests compare.
+"""Runs the real trainer (Trainer.train_step) under torchrun on fixed global batches and writes what tests compare.
 
 usage: torchrun --nproc_per_node N tests/dist/driver.py RUNS_JSON
 RUNS_JSON maps an output file to the Hydra overrides of one run; the runs go one after another in the
@@ -20,27 +20,16 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from sora_train import CONF_DIR  # noqa: E402
 from sora_train.config import register  # noqa: E402
-from sora_train.data import PackedLoader  # noqa: E402
-from sora_train.parallel.collectives import all_reduce_values  # noqa: E402
-from sora_train.data import StreamSpec  # noqa: E402
+from sora_train.data import PackedLoader, StreamSpec  # noqa: E402
 from sora_train.train import build  # noqa: E402
 
 
-class FixedBatches:
-    """Stands in for PackedLoader: this rank's share of a fixed list of global batches."""
-
-    def __init__(self, batches, dp_rank, dp, grad_accum):
-        self.batches, self.dp_rank, self.dp, self.ga = batches, dp_rank, dp, grad_accum
-        self.stats = type("S", (), {"as_metrics": staticmethod(lambda: {})})()
-
-    def __iter__(self):
-        per_step = self.dp * self.ga
-        for s in range(len(self.batches) // per_step):
-            for m in range(self.ga):
-                yield self.batches[s * per_step + self.dp_rank * self.ga + m]
-
-    def state_dict(self):
-        return None
+def fixed_batches(batches, dp_rank: int, dp: int, grad_accum: int):
+    """Stands in for the shard loader in Trainer.train_step: this rank's share of a fixed list of global batches."""
+    per_step = dp * grad_accum
+    for s in range(len(batches) // per_step):
+        for m in range(grad_accum):
+            yield batches[s * per_step + dp_rank * grad_accum + m]
 
 
 def main():
@@ -68,22 +57,23 @@ def run(out, overrides):
             break
     trainer = build(cfg, loader=None)
     dims = trainer.dims
-    trainer.loader = FixedBatches(batches, dims.dp_rank, dims.dp, ga)
-    it = iter(trainer.loader)
     from deepspeed.utils import safe_get_full_grad, safe_get_full_fp32_param
 
+    grads, engine_step = {}, trainer.engine_step
+
+    def keep_first_gradients(micro):  # the full gradients of step 1, after the last backward, before the update
+        if trainer.step == 0 and micro == ga - 1:
+            grads.update({n: safe_get_full_grad(p) for n, p in trainer.engine.module.named_parameters()})
+        return engine_step(micro)
+
+    trainer.engine_step = keep_first_gradients
+    it = fixed_batches(batches, dims.dp_rank, dims.dp, ga)
     record = {"loss": [], "grad_norm": []}
-    for step in range(steps):
-        losses = []
-        for m in range(ga):
-            loss, _ = trainer.forward_backward(next(it), m)
-            losses.append(loss)
-            if step == 0 and m == ga - 1:
-                grads = {n: safe_get_full_grad(p) for n, p in trainer.engine.module.named_parameters()}
-            norm = trainer.engine_step(m)
+    for _ in range(steps):  # the trainer's own step: the equivalence tests exercise what a run does
+        metrics = trainer.train_step(it)
         trainer.step += 1
-        record["loss"].append(all_reduce_values(torch.stack(losses).mean(), trainer.device)[0] / dims.dp)
-        record["grad_norm"].append(float(norm))
+        record["loss"].append(metrics["loss"])
+        record["grad_norm"].append(metrics["grad_norm"])
     # ZeRO stage 0 keeps no fp32 master copy for safe_get_full_fp32_param: the module holds fp32 weights.
     params = {n: safe_get_full_fp32_param(p) if trainer.cfg.parallel.zero_stage else p.detach()
               for n, p in trainer.engine.module.named_parameters()}
