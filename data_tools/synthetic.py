@@ -17,23 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sora_train.synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES  # noqa: F401 (re-exported)
 from sora_train.video_io import write_mp4
-
-COLOURS = {
-    "red": (230, 30, 30),
-    "yellow": (235, 215, 30),
-    "green": (30, 200, 60),
-    "cyan": (30, 210, 220),
-    "blue": (40, 70, 235),
-    "magenta": (220, 40, 210),
-}
-BACKGROUNDS = {"black": (0, 0, 0), "white": (245, 245, 245), "gray": (128, 128, 128)}
-SHAPES = ("square", "circle", "triangle", "heart")
-MOTIONS = ("left", "right", "up", "down", "beating")
-
-# (colour, shape) pairs never generated for training: evaluation asks for them to test that
-# the model composes attributes rather than memorising captions.
-HELDOUT_PAIRS = frozenset({("red", "circle"), ("blue", "heart"), ("green", "triangle"), ("yellow", "square")})
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-COLOUR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
-MOTIONS = ("left", "right", "up", "down", "beating")
+from .synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES
+
+COLOUR_NAMES = tuple(COLOURS)
 
 
 def _palette():
-    from data_tools.synthetic import COLOURS
-
     return {n: np.array(COLOURS[n], np.float32) for n in COLOUR_NAMES}
 
 
@@ -92,8 +91,6 @@ def analyse(frames: np.ndarray) -> Analysis:
 
 def eval_prompts(seed: int = 0, per_pair: int = 2) -> list[dict]:
     """Held-out (colour, shape) pairs, each with several motions and backgrounds, plus as many seen pairs."""
-    from data_tools.synthetic import BACKGROUNDS, HELDOUT_PAIRS, SHAPES
-
     rng = random.Random(seed)
     seen = [p for p in itertools.product(COLOUR_NAMES, SHAPES) if p not in HELDOUT_PAIRS]
     pairs = [(p, True) for p in sorted(HELDOUT_PAIRS)] + [(p, False) for p in rng.sample(seen, len(HELDOUT_PAIRS))]
