@@ -259,18 +259,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--codec-class", default=None, help="diffusers video VAE class, e.g. AutoencoderKLWan")
     p.add_argument("--codec-factors", default="1,4,4", help="pixel codec (t,h,w) space-to-depth factors")
     p.add_argument("--text-encoder", default=None, help="local HF text encoder dir (default: shipped MiniLM)")
-    p.add_argument("--patch-size", default="1,2,2", help="the model's (t,h,w) patch: frames and sizes are snapped to it")
-    p.add_argument("--max-pixels", type=int, default=64 * 64, help="frames larger than this (h x w) are scaled down, aspect kept")
+    p.add_argument("--patch-size", default="1,2,2",
+                   help="the model's (t,h,w) patch: frames and sizes are snapped to it")
+    p.add_argument("--max-pixels", type=int, default=64 * 64,
+                   help="frames larger than this (h x w) are scaled down, aspect kept")
     p.add_argument("--max-frames", type=int, default=32, help="most frames kept per clip")
     p.add_argument("--min-frames", type=int, default=2, help="clips with fewer frames are skipped as too short")
     p.add_argument("--target-fps", type=float, default=None, help="take frames at this rate (default: every frame)")
     p.add_argument("--span", action="store_true", help="subsample frames to span the whole clip")
-    p.add_argument("--clips-per-shard", type=int, default=64, help="clips per shard (a shard is a unit of work and of reading)")
+    p.add_argument("--clips-per-shard", type=int, default=64,
+                   help="clips per shard (a shard is a unit of work and of reading)")
     p.add_argument("--workers", type=int, default=1, help="encoder processes on this machine")
     p.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
                    help="array tasks sharing the work (default: SLURM_ARRAY_TASK_COUNT)")
     p.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
-                   - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0)), help="this task (default: from SLURM_ARRAY_TASK_ID)")
+                   - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0)),
+                   help="this task (default: from SLURM_ARRAY_TASK_ID)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, batch jobs)")
     a = p.parse_args(argv)
     if not 0 <= a.task_index < a.num_tasks:

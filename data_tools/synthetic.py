@@ -117,7 +117,8 @@ def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool =
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="directory for videos/ and captions.jsonl")
     p.add_argument("--num-clips", type=int, default=512, help="clips to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same clips)")

@@ -104,15 +104,17 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
                   warmup: int, peak: float | None, profile: str | None = None) -> dict:
     """The training step users get: `train.build()` (the DeepSpeed engine with the config's ZeRO stage,
     precision and optimizer, EMA on) fed by SyntheticPackedLoader, timed through `Trainer.train_step`."""
+    import shutil
     import tempfile
 
     from .models.flops import achieved, train_flops
     from .train import build
 
     out = tempfile.mkdtemp(prefix="sora_bench_")
-    cfg = train_config(name, [*overrides, f"data.seq_len={seq_len}", f"data.rows={rows}", f"model.attention={attention}",
-                              f"parallel.activation_checkpointing={ac}", "ema.enabled=true", "data.train=synthetic",
-                              "logging.wandb.mode=disabled", f"out_dir={out}"])
+    cfg = train_config(name, [*overrides, f"data.seq_len={seq_len}", f"data.rows={rows}",
+                              f"model.attention={attention}", f"parallel.activation_checkpointing={ac}",
+                              "ema.enabled=true", "data.train=synthetic", "logging.wandb.mode=disabled",
+                              f"out_dir={out}"])
     from .config import model_args
 
     args = model_args(cfg.model)
@@ -126,17 +128,18 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
         write_profile(lambda: trainer.train_step(batches), device, profile)
     b = loader.batch
     flops = train_flops(args, b.seg, b.text_seg) * cfg.optim.grad_accum / trainer.dims.sp
-    res = {"path": "trainer", "params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters()),
-           "seq_len": seq_len, "rows": rows, "attention": attention,
-           "kernel": kernel_name(build_kernel_probe(attention, args), attention, device, trainer.dtype, b.seg.to(device)),
-           "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac,
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
+    kernel = kernel_name(build_kernel_probe(attention, args), attention, device, trainer.dtype, b.seg.to(device))
+    res = {"path": "trainer", "params": params, "seq_len": seq_len, "rows": rows, "attention": attention,
+           "kernel": kernel, "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac,
            "zero_stage": cfg.parallel.zero_stage, "optimizer": cfg.optim.name, "dtype": str(trainer.dtype),
            "step_s": dt, "tokens_per_s": b.real_tokens * cfg.optim.grad_accum / dt, **achieved(flops, dt, peak),
            "device": device_name(device)}
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    trainer.logger.close()
+    trainer.close(keep_process_group=True)  # the next configuration builds in the same process group
     del trainer
+    shutil.rmtree(out, ignore_errors=True)
     release(device)
     return res
 

@@ -248,7 +248,8 @@ class Trainer:
         dist.all_gather_object(parts, self.loader.state_dict() if self.dims.sp_rank == 0 else None)
         position = StreamPosition.merge([StreamPosition.from_state_dict(p) for p in parts if p is not None],
                                         base=self.loader.start)
-        meta = {"wandb_id": self.logger.run_id, "config": to_container(self.cfg), "manifest": manifest_header(self.manifest),
+        meta = {"wandb_id": self.logger.run_id, "config": to_container(self.cfg),
+                "manifest": manifest_header(self.manifest),
                 "nonfinite_steps": self.skipped_steps}  # a resumed run keeps counting from here
         return self.ckpt.save(self.engine, self.step, self.ema, position.state_dict(), meta)
 

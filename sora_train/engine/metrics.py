@@ -28,7 +28,8 @@ class Throughput:
         """Per-rank figures; tokens/s is for this rank's share (multiply by dp for the job)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         out = {"perf/tokens_per_s": self.tokens / dt, "perf/samples_per_s": self.samples / dt,
-               **{f"perf/{k}": v for k, v in achieved(self.flops, dt, self.peak).items()}, "time/data_wait_s": self.data_s,
+               **{f"perf/{k}": v for k, v in achieved(self.flops, dt, self.peak).items()},
+               "time/data_wait_s": self.data_s,
                "time/fwd_bwd_s": self.compute_s, "time/optimizer_s": self.optim_s,
                "time/data_wait_pct": 100 * self.data_s / dt}
         if torch.cuda.is_available():

@@ -68,6 +68,6 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
     return engine
 
 
-__all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims", "SequenceParallelMPU", "check_degrees",
-           "init_distributed", "UlyssesAttention", "gather_sequence", "shard_sequence", "parallelize_dit",
-           "parallelize", "build_partitioned", "checkpoint_module"]
+__all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims",
+           "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "gather_sequence",
+           "shard_sequence", "parallelize_dit", "parallelize", "build_partitioned", "checkpoint_module"]
