@@ -220,9 +220,8 @@ class Trainer:
         return self.losses
 
     def close(self, keep_process_group: bool = False) -> None:
-        """After the last step on every rank: the logger, then the process group (its communicator threads, left
-        to interpreter exit, sometimes aborted a rank there: "terminate called without an active exception"),
-        then the run directory's lock."""
+        """After the last step on every rank: the logger, then the process group once every rank is here (else at
+        exit: parallel.dims.destroy_at_exit), then the run directory's lock."""
         self.logger.close()
         if self.ids_file is not None:
             self.ids_file.close()
