@@ -169,7 +169,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # A name of this process's own: array tasks write the same settings file at the same moment, and a shared
+    # temporary name let one task's rename pull the file from under the other's.
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
