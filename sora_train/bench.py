@@ -129,7 +129,7 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
     b = loader.batch
     flops = train_flops(args, b.seg, b.text_seg) * cfg.optim.grad_accum / trainer.dims.sp
     params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
-    kernel = kernel_name(build_kernel_probe(attention, args), attention, device, trainer.dtype, b.seg.to(device))
+    kernel = kernel_name(trainer.engine.module.attention, attention, device, trainer.dtype, b.seg.to(device))
     res = {"path": "trainer", "params": params, "seq_len": seq_len, "rows": rows, "attention": attention,
            "kernel": kernel, "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac,
            "zero_stage": cfg.parallel.zero_stage, "optimizer": cfg.optim.name, "dtype": str(trainer.dtype),
@@ -142,12 +142,6 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
     shutil.rmtree(out, ignore_errors=True)
     release(device)
     return res
-
-
-def build_kernel_probe(attention: str, args):
-    from .models import build_attention
-
-    return build_attention(attention, args.max_segments)
 
 
 def release(device) -> None:
