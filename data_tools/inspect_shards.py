@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         if shown >= a.show:
             break
     if rows and a.png:
-        from sora_train.evaluate import contact_sheet
+        from sora_train.inference.evaluate import contact_sheet
 
         contact_sheet(rows, a.png)
         print(f"wrote {a.png}")

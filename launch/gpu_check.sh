@@ -76,7 +76,7 @@ cp "$WORK/straight/metrics.jsonl" "$OUT/metrics_straight.jsonl" 2>/dev/null
 cp "$WORK/resumed/metrics.jsonl" "$OUT/metrics_resumed.jsonl" 2>/dev/null
 
 step "3. sora-sample to mp4"
-timeout 90 "$PY" -m sora_train.sample checkpoint="$WORK/straight/checkpoints" out_dir="$WORK/videos" frames=8 \
+timeout 90 "$PY" -m sora_train.inference.sample checkpoint="$WORK/straight/checkpoints" out_dir="$WORK/videos" frames=8 \
   height=64 width=64 steps=20 'prompts=[a red square moving right on a black background]'
 RESULT[sample]=$?
 cp "$WORK"/videos/*.mp4 "$OUT/sample.mp4" 2>/dev/null

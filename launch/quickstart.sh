@@ -26,7 +26,7 @@ encode val_raw val_shards & val=$!
 encode raw shards || { kill $val 2>/dev/null; exit 1; }  # leave no encoder running behind a failure
 wait $val
 python -m sora_train.train experiment=quickstart out_dir=$RUN data.train=$DATA/shards data.val=$DATA/val_shards "$@"
-python -m sora_train.sample checkpoint=$RUN/checkpoints out_dir=$RUN/videos frames=8 height=32 width=32 \
+python -m sora_train.inference.sample checkpoint=$RUN/checkpoints out_dir=$RUN/videos frames=8 height=32 width=32 \
   'prompts=[a red square moving right on a black background,a blue circle moving up on a white background,a green heart beating on a gray background,a yellow triangle moving left on a black background]'
 echo
 echo "quickstart finished in $(( $(date +%s) - start )) s"

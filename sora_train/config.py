@@ -124,6 +124,7 @@ class EvalConfig:
     seed: int = 0
     use_ema: bool = True
     untrained: bool = False
+    device: str = "auto"  # auto: the GPU when there is one
 
 
 def register() -> None:

@@ -1,5 +1,5 @@
 """The synthetic world's vocabulary: colours, backgrounds, shapes, motions and the held-out pairs. One module for
-the generator that draws it (data_tools/synthetic.py) and the evaluator that scores it (sora_train/evaluate.py)."""
+the generator that draws it (data_tools/synthetic.py) and the evaluator that scores it (sora_train/inference/evaluate.py)."""
 
 COLOURS = {
     "red": (230, 30, 30),

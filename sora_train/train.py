@@ -1,55 +1,45 @@
-"""sora-train: the Hydra entry. Builds the pieces, then runs the loop (Trainer.train)."""
+"""sora-train: the Hydra entry. `build()` makes the pieces of a run in order; `Trainer` is the loop and the step.
+Each piece decides its own timing (checkpoints, validation, samples, logging) and lives in engine/."""
 
 from __future__ import annotations
 
 import faulthandler
-import json
 import re
-import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from . import CONF_DIR
-from .codecs import codec_from_manifest_name
-from .config import model_args, register, saved_model_config, to_container
-from .data import DataQualityError, PackedLoader, StreamPosition, StreamSpec
+from .config import model_args, register, to_container
+from .data import DataQualityError, PackedLoader, StreamSpec
 from .data.stream import NoUsableSamples
-from .diffusion import build_objective, masked_mse_sum, per_token
-from .engine.checkpoint import CheckpointManager, find_latest
+from .diffusion import build_objective, packed_loss, per_token, step_generator
+from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
 from .engine.ema import EMA
+from .engine.metrics import MetricLogger, SampleIds, Throughput
+from .engine.nonfinite import NonFiniteSteps
+from .engine.optim import learning_rates
+from .engine.preemption import StopRequested, exit_after_save
+from .engine.resume import refuse_incompatible_resume, resume_point
 from .engine.run_dir import RunDirInUse, RunLock
-from .engine.metrics import MetricLogger, Throughput
-from .generate import generate_latents, latent_grid, to_frames, write_videos
+from .engine.samples import TrainingSamples
+from .engine.validate import Validator
+from .inference import Pipeline
 from .models import DiT
 from .models.flops import device_peak_tflops, train_flops
-from .parallel import gather_sequence, init_distributed, parallelize, shard_sequence
+from .parallel import full_rows, init_distributed, parallelize, shard_sequence
 from .parallel import env as dist_env
 from .parallel.collectives import all_reduce_values
 from .preflight import ConfigError, preflight
 
 warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)  # torch 2.14 on ZeRO-3 collectives
 register()
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal, resume me (slurm/train.sbatch requeues)
-
-
-def every(n: int, step: int) -> bool:
-    return n > 0 and step % n == 0
-
-
-def learning_rates(groups: list[dict]) -> dict[str, float]:
-    """lr: AdamW's (optim.lr through the schedule); with Muon also lr_muon, its hidden matrices' (optim.muon_lr).
-    DeepSpeed's get_lr() gives the first group's, which under Muon is the Muon half."""
-    muon = [g["lr"] for g in groups if g.get("use_muon")]
-    adam = [g["lr"] for g in groups if not g.get("use_muon")]
-    return {"lr": (adam or muon)[0], **({"lr_muon": muon[0]} if muon and adam else {})}
 
 
 def grads_norm(module: torch.nn.Module) -> float:
@@ -57,47 +47,28 @@ def grads_norm(module: torch.nn.Module) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def step_generator(*key: int) -> torch.Generator:
-    """Noise and timesteps are a pure function of (seed, step, micro, dp_rank): resume needs no RNG
-    state for them, and all SP ranks of a group draw the same noise for the same row."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([abs(k) for k in key]).generate_state(1)[0]))
-
-
-class StopRequested:
-    """SIGUSR1 (SLURM's warning before the time limit / preemption) or SIGTERM: checkpoint, then exit for a requeue.
-    Ctrl-C (SIGINT): checkpoint, then exit; a second Ctrl-C quits at once without saving."""
-
-    def __init__(self):
-        self.signum = 0
-        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            if self.signum == signal.SIGINT:
-                raise KeyboardInterrupt  # the second Ctrl-C
-            print("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: quit without saving)",
-                  file=sys.stderr, flush=True)
-        self.signum = self.signum or signum
-
-    def agreed(self, device: torch.device) -> int:
-        return int(all_reduce_values([self.signum], device, "max")[0])
-
-
 class Trainer:
-    def __init__(self, cfg, dims, engine, ema, objective, ckpt, logger, loader, manifest, step: int, device):
+    def __init__(self, cfg, dims, engine, ema, objective, ckpt: CheckpointManager, logger, loader,
+                 validator: Validator, samples: TrainingSamples, device: torch.device):
         self.cfg, self.dims, self.engine, self.ema, self.objective = cfg, dims, engine, ema, objective
-        self.ckpt, self.logger, self.loader, self.manifest, self.step = ckpt, logger, loader, manifest, step
-        self.device = device
+        self.ckpt, self.logger, self.loader, self.validator, self.samples = ckpt, logger, loader, validator, samples
+        self.device, self.state = device, ckpt.train_state  # step, skipped steps, W&B id: checkpointed
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         self.args = model_args(cfg.model)
         self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size)
+        self.nonfinite = NonFiniteSteps(cfg.optim.max_bad_steps, ckpt, logger)
         self.stop = StopRequested()
-        self.bad_steps, self.skipped_steps = 0, 0
-        self.ids_file = None
+        self.sample_ids = SampleIds(cfg.out_dir, dims.dp_rank, cfg.logging.sample_ids and dims.sp_rank == 0)
         self.lock = None  # the out_dir's RunLock (rank 0), held for the trainer's life
-        self._sampling = None  # (text encoder, codec), built at the first sample
         self.losses: list[float] = []
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
 
     # -- one micro-batch ------------------------------------------------------------------------
     def forward_backward(self, batch, micro: int) -> tuple[torch.Tensor, bool]:
@@ -119,17 +90,14 @@ class Trainer:
         return loss.detach(), bool(finite)
 
     def loss(self, x_t, t, target, batch, text=None) -> torch.Tensor:
-        d = self.dims
-        shard = lambda x: shard_sequence(x, d.sp_rank, d.sp).to(self.device)  # noqa: E731
-        seg = shard(batch.seg)
+        """This SP rank's part of the micro-batch's loss (the parts sum to the full rows' mean)."""
+        shard = lambda x: shard_sequence(x, self.dims.sp_rank, self.dims.sp).to(self.device)  # noqa: E731
+        seg, x_local = shard(batch.seg), shard(x_t)
         text = batch.text if text is None else text
-        x_local = shard(x_t)
         pred = self.engine(x_local.to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
                            text.to(self.device, self.dtype), batch.text_seg.to(self.device), extent=shard(batch.extent))
-        t_tok = shard(per_token(t, batch.seg))
-        pred = self.objective.velocity(pred.float(), x_local, t_tok)
-        # Normalised by the real tokens of the full rows: the SP ranks' losses sum to the full mean.
-        return masked_mse_sum(pred, shard(target), seg, self.objective.loss_weight(t_tok)) / batch.real_tokens
+        return packed_loss(self.objective, pred, x_local, shard(per_token(t, batch.seg)), shard(target), seg,
+                           batch.real_tokens)
 
     # -- one optimizer step -----------------------------------------------------------------------
     def train_step(self, batches) -> dict:
@@ -145,7 +113,7 @@ class Trainer:
             self.meter.optim_s += time.perf_counter() - t2
             all_finite &= finite
             losses.append(loss.float())
-            self.record_ids(batch)
+            self.sample_ids.record(self.step + 1, batch)
             self.meter.add(batch.real_tokens, sum(len(k) for k in batch.keys),
                            train_flops(self.args, batch.seg, batch.text_seg) / self.dims.sp)
         if self.ema is not None:
@@ -166,189 +134,48 @@ class Trainer:
         self.engine.step()
         return norm if plain else self.engine.get_global_grad_norm()
 
-    def record_ids(self, batch) -> None:
-        """Audit trail of the data order: (epoch, shard, index) and key of each trained sample."""
-        if not self.cfg.logging.sample_ids or self.dims.sp_rank != 0:
-            return
-        if self.ids_file is None:
-            path = Path(self.cfg.out_dir) / "sample_ids" / f"dp{self.dims.dp_rank:05d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.ids_file = open(path, "a")
-        keys = [k for row in batch.keys for k in row]
-        self.ids_file.write(json.dumps({"step": self.step + 1, "ids": batch.consumed[: len(keys)], "keys": keys}) + "\n")
-        self.ids_file.flush()
-
-    def train(self) -> list[float]:
-        batches, total, t_start, start_step = iter(self.loader), self.cfg.optim.steps, time.time(), self.step
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self, batches=None) -> list[float]:
+        """batches: the loader's by default (a test may hand another iterator; the checkpointed position stays the
+        loader's)."""
+        batches = iter(self.loader) if batches is None else batches
+        total, start, t_start = self.cfg.optim.steps, self.step, time.time()
         while self.step < total:
             faulthandler.dump_traceback_later(self.cfg.watchdog_s, exit=True)  # a hung collective: stacks, exit
             metrics = self.train_step(batches)
             self.step += 1
-            self.bad_steps = 0 if metrics.pop("finite") else self.bad_steps + 1
-            self.skipped_steps += self.bad_steps > 0
-            if self.bad_steps:
-                self.logger.log(self.step, {"train/nonfinite_steps": self.skipped_steps})
-            if self.bad_steps >= self.cfg.optim.max_bad_steps:
-                self.stop_on_nonfinite()
+            self.nonfinite.after_step(self.step, metrics.pop("finite"), self.engine.module, self.device)
             self.losses.append(metrics["loss"])
-            if every(self.cfg.logging.every, self.step) or self.step == total:
-                eta = (time.time() - t_start) / (self.step - start_step) * (total - self.step) / 60
+            if self.logger.should_log(self.step, total):
+                eta = (time.time() - t_start) / (self.step - start) * (total - self.step) / 60
                 self.logger.log(self.step, {**metrics, **self.meter.summary(), **self.loader.stats.as_metrics(),
                                             "eta_min": eta})
                 self.meter.reset()
-            if every(self.cfg.logging.val_every, self.step) and self.cfg.data.val:
-                self.logger.log(self.step, self.validate())
-            if every(self.cfg.logging.sample_every, self.step):
-                self.sample()
+            if self.validator.should_validate(self.step, total):
+                self.logger.log(self.step, self.validator.validate())
+            if self.samples.should_sample(self.step):
+                self.samples.write(self.step)
             stop = self.stop.agreed(self.device)
-            if every(self.cfg.checkpoint.every, self.step) or self.step == total or stop:
-                self.save()
-            if stop == signal.SIGINT:
-                print(f"stopped by Ctrl-C after saving step {self.step}; the same command continues the run",
-                      flush=True)
-                raise SystemExit(130)
+            if self.ckpt.should_save(self.step, total) or stop:
+                self.ckpt.save(self.step)
             if stop:
-                self.logger.log(self.step, {"preempted_by_signal": stop})
-                if self.dims.is_main:  # srun's exit code mixes tasks' codes; the marker is unambiguous
-                    (Path(self.cfg.out_dir) / "requeue").write_text(str(self.step))
-                print(f"stopped by signal {stop} after saving step {self.step}; exit {EXIT_REQUEUE} = requeue me",
-                      flush=True)
-                raise SystemExit(EXIT_REQUEUE)
+                exit_after_save(stop, self.step, self.cfg.out_dir, self.dims.is_main, self.logger)
         faulthandler.cancel_dump_traceback_later()
-        if self.cfg.data.val and not (self.step > start_step and every(self.cfg.logging.val_every, self.step)):
-            self.logger.log(self.step, self.validate())  # the final model's, unless the loop just measured it
+        if self.step == start and self.validator.enabled:  # resumed at the last step: the final model's figures
+            self.logger.log(self.step, self.validator.validate())
         return self.losses
 
     def close(self, keep_process_group: bool = False) -> None:
         """After the last step on every rank: the logger, then the process group once every rank is here (else at
         exit: parallel.dims.destroy_at_exit), then the run directory's lock."""
         self.logger.close()
-        if self.ids_file is not None:
-            self.ids_file.close()
+        self.sample_ids.close()
         if dist.is_initialized():
             dist.barrier()
             if not keep_process_group:
                 dist.destroy_process_group()
         if self.lock is not None:
             self.lock.release()
-
-    def stop_on_nonfinite(self) -> None:
-        finite = all(bool(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all())
-                     for p in self.engine.module.parameters())
-        saved = self.save() if all_reduce_values([finite], self.device, "min")[0] else find_latest(self.ckpt.root)
-        raise FloatingPointError(
-            f"{self.bad_steps} consecutive steps had a non-finite loss (step {self.step}); the run stopped. Last good "
-            f"state: {saved}. Check the data (data/skipped in the logs) or lower optim.lr; optim.max_bad_steps "
-            f"sets the patience.")
-
-    # -- checkpoint, validation, samples ----------------------------------------------------------
-    def save(self) -> Path:
-        parts = [None] * self.dims.world_size
-        dist.all_gather_object(parts, self.loader.state_dict() if self.dims.sp_rank == 0 else None)
-        position = StreamPosition.merge([StreamPosition.from_state_dict(p) for p in parts if p is not None],
-                                        base=self.loader.start)
-        meta = {"wandb_id": self.logger.run_id, "config": to_container(self.cfg),
-                "manifest": manifest_header(self.manifest),
-                "nonfinite_steps": self.skipped_steps}  # a resumed run keeps counting from here
-        return self.ckpt.save(self.engine, self.step, self.ema, position.state_dict(), meta)
-
-    def full_forward(self, x, t, pos, seg, text, text_seg, extent):
-        """Full rows in, full rows out (shards for SP and gathers back); for validation and sampling."""
-        d = self.dims
-        sh = lambda v: shard_sequence(v, d.sp_rank, d.sp)  # noqa: E731
-        out = self.engine.module(sh(x).to(self.dtype), t.to(self.dtype), sh(pos), sh(seg), text.to(self.dtype), text_seg,
-                                 extent=sh(extent))
-        return gather_sequence(out.float(), d.sp_group) if d.sp > 1 else out.float()
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """val/loss at the training distribution of t, and val/loss_t<v> at each fixed t in
-        logging.val_timesteps; the same noise every time, so values are comparable across steps."""
-        spec = StreamSpec.of(self.cfg.data, self.cfg.model, caption_dropout=0.0, epochs=1)
-        loader = PackedLoader(self.cfg.data.val, spec, self.dims.dp_rank, self.dims.dp, num_workers=0)
-        fixed = list(self.cfg.logging.val_timesteps)
-        totals, n = [0.0] * (1 + len(fixed)), 0
-        for i, batch in zip(range(self.cfg.logging.val_batches), loader):
-            gen = step_generator(self.cfg.seed, 10**9, i, self.dims.dp_rank)
-            t = self.objective.sample_t(batch.grids.prod(-1), gen)
-            noise = torch.randn(batch.tokens.shape, generator=gen).to(self.device)
-            batch = batch.to(self.device)
-            for j, tj in enumerate([t] + [torch.full_like(t, v) for v in fixed]):
-                totals[j] += self.val_loss(batch, noise, tj)
-            n += 1
-        *sums, rows = all_reduce_values([*totals, n], self.device)  # SP members count the same rows: ratios hold
-        means = [s / max(rows, 1.0) for s in sums]
-        return {"val/loss": means[0], **{f"val/loss_t{v:g}": m for v, m in zip(fixed, means[1:])}}
-
-    def val_loss(self, batch, noise, t) -> float:
-        """batch and noise on the device, t [R,M] on the CPU."""
-        t_tok = per_token(t.to(self.device), batch.seg)
-        x_t, target = self.objective.corrupt(batch.tokens, noise, t_tok)
-        pred = self.full_forward(x_t, t.to(self.device), batch.pos, batch.seg, batch.text, batch.text_seg, batch.extent)
-        pred = self.objective.velocity(pred, x_t, t_tok)
-        return (masked_mse_sum(pred, target, batch.seg, self.objective.loss_weight(t_tok)) / batch.real_tokens).item()
-
-    @torch.no_grad()
-    def sampling_pipeline(self):
-        """(text encoder, codec) for samples during training: built on the first call, then kept (a T5-XXL-class
-        encoder is ~19 GB to load; it used to be rebuilt on every rank at every logging.sample_every)."""
-        if self._sampling is None:
-            from .codecs.text import text_encoder_named
-
-            self._sampling = (text_encoder_named(self.manifest["text_encoder"]["name"]),
-                              codec_from_manifest_name(self.manifest["codec"]["name"]))
-        return self._sampling
-
-    def sample(self) -> list[Path]:
-        prompts = list(self.cfg.logging.sample_prompts)
-        if not prompts or self.manifest is None:
-            return []
-        encoder, codec = self.sampling_pipeline()
-        grid = latent_grid(codec, self.args.patch_size, 8, 48, 48)
-        dc = self.cfg.diffusion
-        latents = generate_latents(self.full_forward, self.objective, encoder.encode(prompts), grid,
-                                   self.args.patch_size, self.args.in_channels, self.args.text_dim, dc.steps,
-                                   dc.guidance, dc.sampler, self.cfg.seed, self.device, self.dims.sp)
-        if not self.dims.is_main:
-            return []
-        out = Path(self.cfg.out_dir) / "samples" / f"step_{self.step:08d}"
-        gifs = write_videos(out, prompts, [to_frames(codec, z) for z in latents], fps=8)
-        self.logger.log_videos(self.step, gifs, prompts)
-        return gifs
-
-
-def manifest_header(manifest: dict | None) -> dict | None:
-    return None if manifest is None else {k: v for k, v in manifest.items() if k != "shards"}
-
-
-def resume_point(cfg, ckpt_root: Path) -> Path | None:
-    if cfg.checkpoint.resume == "never":
-        return None
-    if cfg.checkpoint.resume == "auto":
-        return find_latest(ckpt_root)
-    return Path(cfg.checkpoint.resume)
-
-
-def refuse_incompatible_resume(cfg, meta: dict, src: Path, world: int | None = None) -> None:
-    """A run may change its world size, SP degree, schedule or data layout on resume, not its model, optimizer
-    or ZeRO stage: say so before DeepSpeed fails deep inside load_checkpoint."""
-    old, new = meta["config"], to_container(cfg)
-    old_model = to_container(saved_model_config(old["model"]))
-    changed = [f"model.{k}: {old_model[k]!r} -> {v!r}" for k, v in new["model"].items() if old_model[k] != v]
-    old_optimizer = old["optim"].get("name", "adamw")  # checkpoints from before optim.name: AdamW
-    if old_optimizer != new["optim"]["name"]:
-        changed.append(f"optim.name: {old_optimizer} -> {new['optim']['name']}")
-    if old["parallel"]["zero_stage"] != new["parallel"]["zero_stage"]:
-        changed.append(f"parallel.zero_stage: {old['parallel']['zero_stage']} -> {new['parallel']['zero_stage']}")
-    saved_world = meta.get("world_size", world)
-    if old_optimizer == "muon" and world is not None and saved_world != world:
-        # Measured with deepspeed 0.19.8: ds_to_universal stops with KeyError 'exp_avg' on Muon's state.
-        raise ConfigError(f"cannot resume {src} on {world} ranks: it was saved on {saved_world} with optim.name=muon, "
-                          f"and DeepSpeed's universal checkpoint (which carries optimizer state to another world "
-                          f"size) does not hold Muon's momentum; resume on {saved_world} ranks")
-    if changed:
-        raise ConfigError(f"cannot resume {src} with this config ({'; '.join(changed)}); use the checkpoint's "
-                          f"config or start a new out_dir (checkpoint.resume=never starts over in place)")
 
 
 def describe_run(cfg, engine, dims, device) -> str:
@@ -363,15 +190,18 @@ def describe_run(cfg, engine, dims, device) -> str:
 
 
 def build(cfg, loader=None) -> Trainer:
-    """Every piece of a run, in order. `loader` replaces the shard loader (tests feed fixed batches)."""
+    """Every piece of a run, in order. `loader` replaces the shard loader (the bench feeds synthetic rows); its
+    position is then not checkpointed."""
     manifest = preflight(cfg, check_data=loader is None)  # refuses bad config before any process group or data work
     # One run per out_dir. The rank from the launcher's variables (torchrun or srun): no process group exists yet.
     lock = RunLock(cfg.out_dir).acquire() if dist_env.detect().rank == 0 else None
     dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
     device = torch.device(f"cuda:{dims.local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     torch.manual_seed(cfg.seed)
+    header = None if manifest is None else {k: v for k, v in manifest.items() if k != "shards"}
     ckpt = CheckpointManager(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep_last,
-                             dims.rank, dims.world_size)
+                             dims.rank, dims.world_size, cfg.checkpoint.every,
+                             description={"config": to_container(cfg), "manifest": header})
     if dims.is_main:  # under the run directory's lock: nothing else writes here
         for d in ckpt.remove_half_written():
             print(f"removed {d}: a half-written checkpoint (a crash or a full disk while saving)", flush=True)
@@ -391,25 +221,33 @@ def build(cfg, loader=None) -> Trainer:
     if dims.is_main:
         print(describe_run(cfg, engine, dims, device), flush=True)
     ema = EMA(engine.module, cfg.ema.decay, dims.rank, dims.world_size) if cfg.ema.enabled else None
-    step, position, run_id, skipped = 0, None, None, 0
-    if src is not None:
-        meta = ckpt.load(engine, src, ema)
-        step, position, run_id = meta["step"], meta["data_position"], meta.get("wandb_id")
-        skipped = meta.get("nonfinite_steps", 0)
-        if dims.is_main:
-            print(f"resumed from {src} at step {step} (saved on {meta['world_size']} ranks, now {dims.world_size})",
-                  flush=True)
+    ckpt.parts = {"engine": EngineState(engine, dims.world_size), **({"ema": ema} if ema else {}),
+                  "rng": RNGState(dims.rank, dims.world_size)}
     if loader is None:
-        try:  # another dataset or data.seed than the checkpoint's: a config error, not a traceback
+        try:  # no shards there: a config error, not a traceback
             loader = PackedLoader(cfg.data.train, StreamSpec.of(cfg.data, cfg.model), dims.dp_rank, dims.dp,
-                                  cfg.data.num_workers, position, cfg.data.max_bad_fraction,
+                                  cfg.data.num_workers, None, cfg.data.max_bad_fraction,
                                   cfg.data.min_reads_for_check, pin_memory=device.type == "cuda")
         except ValueError as e:
             raise ConfigError(f"data.train={cfg.data.train!r}: {e}") from e
-    logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), run_id)
-    trainer = Trainer(cfg, dims, engine, ema, build_objective(cfg.diffusion), ckpt, logger, loader, manifest, step,
-                      device)
-    trainer.lock, trainer.skipped_steps = lock, skipped
+        ckpt.parts["data_position"] = DataPosition(loader, dims.sp_rank, dims.world_size, f"data.train={cfg.data.train!r}")
+    if src is not None:
+        meta = ckpt.load(src)
+        if dims.is_main:
+            print(f"resumed from {src} at step {meta['step']} (saved on {meta['world_size']} ranks, now "
+                  f"{dims.world_size})", flush=True)
+    logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), ckpt.train_state.wandb_id,
+                          cfg.logging.every)
+    ckpt.train_state.wandb_id = logger.run_id
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    forward = full_rows(engine.module, dims, dtype)
+    objective = build_objective(cfg.diffusion)
+    pipeline = Pipeline(forward, args, cfg.diffusion, manifest, device, sp=dims.sp) \
+        if manifest is not None and cfg.logging.sample_prompts else None
+    trainer = Trainer(cfg, dims, engine, ema, objective, ckpt, logger, loader,
+                      Validator(cfg, dims, objective, forward, device), TrainingSamples(cfg, pipeline, logger,
+                                                                                          dims.is_main), device)
+    trainer.lock = lock
     return trainer
 
 
@@ -419,8 +257,7 @@ def run(cfg, keep_process_group: bool = False) -> list[float]:
     trainer = build(cfg)
     try:
         losses = trainer.train()
-        if cfg.logging.sample_prompts:
-            trainer.sample()
+        trainer.samples.write(trainer.step)  # the final model's, when logging.sample_prompts asks for any
         trainer.close(keep_process_group)
     finally:
         trainer.logger.close()

@@ -1,8 +1,6 @@
 import io
 import itertools
 import json
-import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np

@@ -134,19 +134,19 @@ def test_half_written_checkpoint_is_skipped_and_cleaned(resumed):
 
 
 def test_export_loads_into_a_plain_dit_and_samples(resumed):
-    from sora_train.export import export
-    from sora_train.sample import load_for_sampling
+    from sora_train.inference.export import export
+    from sora_train.inference import load_model
 
     straight, _, _ = resumed
     tmp = straight.parent
     out = export(straight / "checkpoints", tmp / "export")
-    model, meta = load_for_sampling(out, use_ema=False)
+    model, meta = load_model(out, use_ema=False)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ref = get_fp32_state_dict_from_zero_checkpoint(str(straight / "checkpoints"), tag="step_00000010")
     for name, p in model.state_dict().items():
         assert torch.equal(p, ref[name]), name
-    ema_model, _ = load_for_sampling(out, use_ema=True)
+    ema_model, _ = load_model(out, use_ema=True)
     assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), model.state_dict().values()))
     sample_cli(out, tmp / "videos", "a red square moving left")
     assert (tmp / "videos" / "00_a_red_square_moving_left.mp4").stat().st_size > 0
@@ -159,8 +159,8 @@ def test_eval_scores_a_checkpoint_with_the_sampler_asked_for(resumed):
     from omegaconf import OmegaConf
 
     from sora_train.config import EvalConfig
-    from sora_train.evaluate import run
-    from sora_train.export import export
+    from sora_train.inference.evaluate import run
+    from sora_train.inference.export import export
 
     straight, _, _ = resumed
     out = straight.parent / "eval_heun"
@@ -187,7 +187,7 @@ def sample_cli(checkpoint, out_dir, prompt: str, *overrides: str) -> None:
 
     from distributed import env
 
-    r = subprocess.run([sys.executable, "-m", "sora_train.sample", f"checkpoint={checkpoint}", f"out_dir={out_dir}",
+    r = subprocess.run([sys.executable, "-m", "sora_train.inference.sample", f"checkpoint={checkpoint}", f"out_dir={out_dir}",
                         "frames=4", "height=32", "width=32", "steps=2", f"prompts=[{prompt}]", *overrides],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -199,8 +199,8 @@ def test_stage0_muon_run_resumes_exactly_exports_and_samples_without_ema(dataset
     export and sample without EMA from the module state."""
     import shutil
 
-    from sora_train.export import export
-    from sora_train.sample import load_for_sampling
+    from sora_train.inference.export import export
+    from sora_train.inference import load_model
 
     def run(out_dir):  # Muon's update compiled, as in the quickstart
         torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", out_dir, **{
@@ -220,12 +220,12 @@ def test_stage0_muon_run_resumes_exactly_exports_and_samples_without_ema(dataset
 
     step = out / "checkpoints" / "step_00000004"
     saved = torch.load(step / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-    resumed, _ = load_for_sampling(again / "checkpoints", use_ema=False)
+    resumed, _ = load_model(again / "checkpoints", use_ema=False)
     for source in (out / "checkpoints", export(out / "checkpoints", tmp_path / "export")):
-        model, _ = load_for_sampling(source, use_ema=False)
+        model, _ = load_model(source, use_ema=False)
         for name, p in model.state_dict().items():
             assert torch.equal(p, saved[name]) and torch.equal(p, resumed.state_dict()[name]), (source, name)
-        ema_model, _ = load_for_sampling(source, use_ema=True)
+        ema_model, _ = load_model(source, use_ema=True)
         assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), model.state_dict().values()))
     sample_cli(out / "checkpoints", tmp_path / "videos", "a blue circle moving up", "use_ema=false")
     assert (tmp_path / "videos" / "00_a_blue_circle_moving_up.mp4").stat().st_size > 0

@@ -5,7 +5,7 @@ import random
 import numpy as np
 
 from data_tools.synthetic import random_spec, render
-from sora_train.evaluate import analyse, eval_prompts, score
+from sora_train.inference.evaluate import analyse, eval_prompts, score
 
 
 def clip_items(n, seed, size=(32, 32), frames=8):

@@ -1,4 +1,3 @@
-import math
 import re
 from pathlib import Path
 
@@ -295,10 +294,10 @@ def test_model_code_has_no_parallelism_imports():
 
 
 def test_probe_recomputes_the_cross_attention_the_model_applies():
-    """sora_train.probe reports attention mass per prompt word; its softmax must be the one the backend used:
+    """sora_train.inference.probe reports attention mass per prompt word; its softmax must be the one the backend used:
     probs @ v through the output projection reproduces the module's output."""
     from sora_train.models.layers import CrossAttention
-    from sora_train.probe import cross_attention_mass, cross_attention_probs
+    from sora_train.inference.probe import cross_attention_mass, cross_attention_probs
 
     torch.manual_seed(0)
     module = CrossAttention(24, 4)

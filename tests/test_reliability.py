@@ -60,8 +60,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
                 (Path(root) / tag).mkdir(parents=True, exist_ok=True)
                 torch.save({"w": torch.ones(2)}, Path(root) / tag / "model.pt")
 
-        mgr = ck.CheckpointManager(tmp_path, keep_last=3, rank=0, world=1)
-        mgr.save(Engine(), 5, None, {"p": 1}, {})
+        mgr = ck.CheckpointManager(tmp_path, keep_last=3, rank=0, world=1, parts={"engine": ck.EngineState(Engine(), 1)})
+        mgr.save(5)
         real = ck._atomic_write
 
         def crash(path, text):
@@ -71,12 +71,12 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
         monkeypatch.setattr(ck, "_atomic_write", crash)
         with pytest.raises(KeyboardInterrupt):
-            mgr.save(Engine(), 10, None, {"p": 2}, {})
+            mgr.save(10)
         monkeypatch.setattr(ck, "_atomic_write", real)
         assert (tmp_path / "step_00000010").exists() and ck.find_latest(tmp_path).name == "step_00000005"
         (tmp_path / "latest").write_text("step_00000010")  # even a pointer at a half-written dir is not trusted
         assert ck.find_latest(tmp_path).name == "step_00000005"
-        mgr.save(Engine(), 15, None, {"p": 3}, {})
+        mgr.save(15)
         assert not (tmp_path / "step_00000010").exists()  # cleaned once a newer checkpoint is published
         assert ck.find_latest(tmp_path).name == "step_00000015"
     finally:
@@ -221,7 +221,7 @@ def test_nothing_from_shards_or_downloads_is_unpickled():
 def test_resume_with_another_model_or_zero_stage_is_refused_naming_the_keys(dataset, tmp_path):
     from sora_train.config import to_container
     from sora_train.preflight import ConfigError
-    from sora_train.train import refuse_incompatible_resume
+    from sora_train.engine.resume import refuse_incompatible_resume
 
     data = f"data.train={dataset / 'shards'}"
     saved = to_container(compose(data, "model.frac_pos=false"))
@@ -338,7 +338,7 @@ def test_a_wheel_install_carries_the_config_groups(tmp_path):
 
 
 def test_export_of_a_broken_checkpoint_leaves_no_partial_export_and_keeps_the_last_one(tmp_path):
-    from sora_train.export import export, main
+    from sora_train.inference.export import export, main
 
     step = tmp_path / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)
@@ -359,7 +359,7 @@ def test_export_of_a_broken_checkpoint_leaves_no_partial_export_and_keeps_the_la
 
 def test_sample_size_that_is_not_a_whole_number_of_patches_is_refused_with_the_nearest_sizes():
     from sora_train.codecs import PixelCodec
-    from sora_train.generate import latent_grid
+    from sora_train.inference.generate import latent_grid
 
     codec = PixelCodec((1, 4, 4))
     assert latent_grid(codec, (1, 2, 2), 8, 48, 64) == (8, 6, 8)
@@ -368,7 +368,7 @@ def test_sample_size_that_is_not_a_whole_number_of_patches_is_refused_with_the_n
 
 
 def test_logged_lr_is_adamws_and_muons_is_logged_beside_it():
-    from sora_train.train import learning_rates
+    from sora_train.engine.optim import learning_rates
 
     assert learning_rates([{"lr": 0.02, "use_muon": True}, {"lr": 1e-3, "use_muon": False}]) == \
         {"lr": 1e-3, "lr_muon": 0.02}
@@ -382,7 +382,7 @@ def test_help_of_each_entry_names_its_own_options_with_defaults():
         assert r.returncode == 0, r.stderr[-2000:]
         return " ".join(r.stdout.split()) if module.startswith("data_tools") else r.stdout  # argparse wraps lines
 
-    for module in ("sora_train.sample", "sora_train.evaluate"):
+    for module in ("sora_train.inference.sample", "sora_train.inference.evaluate"):
         text = helptext(module)
         assert "checkpoint: ???" in text and "parallel:" not in text and "model:" not in text, text[:600]
     assert "experiment: quickstart" in helptext("sora_train.train")
@@ -430,15 +430,44 @@ def test_the_count_of_nonfinite_steps_survives_a_resume(dataset, tmp_path):
     assert [row["train/nonfinite_steps"] for row in rows if "train/nonfinite_steps" in row] == [1, 2]
 
 
-def test_training_time_samples_build_the_text_encoder_and_codec_once(monkeypatch):
+def test_training_time_samples_build_the_text_encoder_and_codec_once(monkeypatch, tmp_path):
     """A T5-XXL-class encoder is ~19 GB to load: it used to be rebuilt on every rank at every sample_every."""
-    from sora_train import train
-    from sora_train.codecs import text
+    import numpy as np
+    import torch
+    from hydra import compose, initialize_config_dir
 
-    built = []
-    monkeypatch.setattr(text, "text_encoder_named", lambda name, device="cpu": built.append(name) or object())
-    monkeypatch.setattr(train, "codec_from_manifest_name", lambda name: built.append(name) or object())
-    trainer = object.__new__(train.Trainer)
-    trainer._sampling, trainer.manifest = None, {"text_encoder": {"name": "minilm"}, "codec": {"name": "pixel"}}
-    first = trainer.sampling_pipeline()
-    assert trainer.sampling_pipeline() is first and built == ["minilm", "pixel"]
+    from sora_train import CONF_DIR
+    from sora_train.codecs import text
+    from sora_train.config import model_args, register
+    from sora_train.engine.samples import TrainingSamples
+    from sora_train.inference import Pipeline, pipeline
+    from sora_train.models import DiT
+
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=quickstart", f"out_dir={tmp_path}", "diffusion.steps=1",
+                                          "logging.sample_every=2", "logging.sample_prompts=[a red square]"])
+    args = model_args(cfg.model)
+
+    class Encoder:
+        def encode(self, prompts):
+            return [np.ones((3, args.text_dim), np.float32) for _ in prompts]
+
+    built, real_codec = [], pipeline.codec_from_manifest_name
+    monkeypatch.setattr(text, "text_encoder_named", lambda name, device="cpu": built.append(name) or Encoder())
+    monkeypatch.setattr(pipeline, "codec_from_manifest_name",
+                        lambda name, device="cpu": built.append(name) or real_codec(name, device))
+    manifest = {"text_encoder": {"name": "minilm"}, "codec": {"name": "pixel-1x4x4"}}
+
+    class Logger:
+        def log_videos(self, step, gifs, prompts):
+            pass
+
+    samples = TrainingSamples(cfg, Pipeline(DiT(args).eval(), args, cfg.diffusion, manifest, torch.device("cpu")),
+                              Logger(), is_main=True)
+    for step in (2, 4):
+        assert samples.should_sample(step) and samples.write(step)[0].stat().st_size > 0
+    assert sorted(built) == ["minilm", "pixel-1x4x4"]  # each once
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000002", "step_00000004"]
+
+

@@ -1,7 +1,6 @@
 """The project's own sbatch templates, submitted to a real two-node SLURM cluster on localhost."""
 
 import json
-import os
 import time
 from pathlib import Path
 

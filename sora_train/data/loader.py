@@ -46,26 +46,32 @@ class PackedLoader:
         if spec.epochs is None:  # a finite pass (validation) may leave a reader without a shard: it yields nothing
             check_readers(len(self.urls), dp_size, num_workers)
         self.max_bad_fraction, self.min_reads = max_bad_fraction, min_reads_for_check
-        dataset_id = fingerprint(self.urls, load_manifest(sources))
+        self.dataset_id = fingerprint(self.urls, load_manifest(sources))
+        self.pin_memory, self.prefetch_factor, self.num_workers = pin_memory, prefetch_factor, num_workers
+        self.stats = DataStats()
+        self.load_state_dict(position)
+
+    def load_state_dict(self, position: dict | None) -> None:
+        """Start (again) at a saved position: before iterating. The position must be this dataset's, under this seed."""
+        spec = self.spec
         if position is None:
-            self.position = StreamPosition(spec.seed, dataset_id)
+            self.position = StreamPosition(spec.seed, self.dataset_id)
         else:
             self.position = StreamPosition.from_state_dict(position)
             # Positions saved before datasets were identified by content carry the names-only fingerprint.
-            if self.position.dataset not in (dataset_id, fingerprint(self.urls)):
+            if self.position.dataset not in (self.dataset_id, fingerprint(self.urls)):
                 raise ValueError(f"the checkpoint's data position belongs to another dataset (fingerprint "
-                                 f"{self.position.dataset}, now {dataset_id}: other shards, or the same names with "
-                                 f"other contents); resume needs the same dataset, or start a new out_dir")
+                                 f"{self.position.dataset}, now {self.dataset_id}: other shards, or the same names "
+                                 f"with other contents); resume needs the same dataset, or start a new out_dir")
             if self.position.seed != spec.seed:
                 raise ValueError(f"data.seed changed ({self.position.seed} -> {spec.seed}); the saved position "
                                  "is only meaningful under the seed it was saved with")
         self.start = StreamPosition.from_state_dict(self.position.state_dict())  # common to all ranks
-        self.stats = DataStats()
-        stream = PackedStream(self.urls, spec, dp_rank, dp_size, self.position)
-        self.dataloader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                     prefetch_factor=prefetch_factor if num_workers else None,
+        stream = PackedStream(self.urls, spec, self.dp_rank, self.dp_size, self.position)
+        self.dataloader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                     prefetch_factor=self.prefetch_factor if self.num_workers else None,
                                      persistent_workers=False)
-        self.position.layout = (dp_size, self.workers)
+        self.position.layout = (self.dp_size, self.workers)
 
     def __iter__(self):
         for batch in self.dataloader:
@@ -90,4 +96,5 @@ class PackedLoader:
                 f"{self.max_bad_fraction}); shards with bad samples: {worst}. Last: {self.stats.recent[-1]}")
 
     def state_dict(self) -> dict:
+        """This rank's view of the position (StreamPosition.merge makes the global one from every rank's)."""
         return self.position.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .ddpm import DDPM, DDPMConfig
@@ -53,9 +54,23 @@ def masked_mse_sum(pred: torch.Tensor, target: torch.Tensor, seg: torch.Tensor,
     return (err * (seg > 0)).sum()
 
 
+def packed_loss(objective, pred: torch.Tensor, x_t: torch.Tensor, t_tok: torch.Tensor, target: torch.Tensor,
+                seg: torch.Tensor, real_tokens: int) -> torch.Tensor:
+    """The objective's loss over packed rows (or an SP shard of them), normalised by the real tokens of the full
+    rows: the SP ranks' losses sum to the full mean."""
+    pred = objective.velocity(pred.float(), x_t, t_tok)
+    return masked_mse_sum(pred, target, seg, objective.loss_weight(t_tok)) / real_tokens
+
+
+def step_generator(*key: int) -> torch.Generator:
+    """Noise and timesteps are a pure function of a key such as (seed, step, micro, dp_rank): resume needs no RNG
+    state for them, and all SP ranks of a group draw the same noise for the same row."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([abs(k) for k in key]).generate_state(1)[0]))
+
+
 def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
 __all__ = ["DiffusionConfig", "FlowConfig", "DDPMConfig", "RectifiedFlow", "DDPM", "OBJECTIVES", "build_objective",
-           "check_sampler", "per_token", "masked_mse_sum", "guided"]
+           "check_sampler", "per_token", "masked_mse_sum", "packed_loss", "step_generator", "guided"]

@@ -32,7 +32,7 @@ def _shape(p) -> list[int]:
 
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float, rank: int = 0, world: int = 1):
-        self.decay = decay
+        self.decay, self.global_rank = decay, rank
         self.params = dict(module.named_parameters())
         self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params.values())
         self.rank, self.world = (rank, world) if self.partitioned else (0, 1)
@@ -44,18 +44,19 @@ class EMA:
         for n, p in self.params.items():
             self.shadow[n].lerp_(_local(p).float(), 1 - d)
 
-    # -- files: ema/rank00000.safetensors (+ layout.json written by rank 0) ----------------------
-    def save(self, step_dir: Path, rank: int) -> None:
+    # -- a checkpoint part: ema/rank00000.safetensors (+ layout.json written by rank 0) -----------
+    def save(self, step_dir: Path) -> None:
         d = Path(step_dir) / "ema"
         d.mkdir(parents=True, exist_ok=True)
-        if self.partitioned or rank == 0:
+        if self.partitioned or self.global_rank == 0:
             save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(d / f"rank{self.rank:05d}.safetensors"))
-        if rank == 0:
+        if self.global_rank == 0:
             layout = {"world": self.world, "partitioned": self.partitioned,
                       "params": {n: {"numel": _numel(p), "shape": _shape(p)} for n, p in self.params.items()}}
             (d / "layout.json").write_text(json.dumps(layout))
 
-    def load(self, step_dir: Path) -> None:
+    def load(self, step_dir: Path, saved_world: int | None = None) -> None:
+        """From any world size: the saved layout says how the old shards cut the parameters."""
         d = Path(step_dir) / "ema"
         old = json.loads((d / "layout.json").read_text())
         if set(old["params"]) != set(self.shadow):

@@ -43,8 +43,8 @@ class MetricLogger:
     CONSOLE = ("loss", "val/loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/mfu", "data/skipped", "eta_min")
 
     def __init__(self, out_dir: str | Path, enabled: bool, wandb_cfg=None, config: dict | None = None,
-                 run_id: str | None = None):
-        self.enabled, self.run = enabled, None
+                 run_id: str | None = None, every: int = 1):
+        self.enabled, self.run, self.every = enabled, None, every
         self.run_id = run_id
         if not enabled:
             return
@@ -58,6 +58,10 @@ class MetricLogger:
                                   mode=wandb_cfg.mode, dir=str(self.out), config=config, id=run_id,
                                   resume="allow" if run_id else None)
             self.run_id = self.run.id
+
+    def should_log(self, step: int, last_step: int) -> bool:
+        """The training line: every logging.every steps and at the last one (every rank agrees: no collective)."""
+        return (self.every > 0 and step % self.every == 0) or step == last_step
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -85,3 +89,26 @@ class MetricLogger:
             self.jsonl.close()
             if self.run is not None:
                 self.run.finish()
+
+
+class SampleIds:
+    """logging.sample_ids: the audit trail of the data order, <out_dir>/sample_ids/dp<rank>.jsonl with each trained
+    sample's (epoch, shard, index) and key per step. One writer per data-parallel rank (SP members see the same)."""
+
+    def __init__(self, out_dir: str | Path, dp_rank: int, enabled: bool):
+        self.path = Path(out_dir) / "sample_ids" / f"dp{dp_rank:05d}.jsonl"
+        self.enabled, self.file = enabled, None
+
+    def record(self, step: int, batch) -> None:
+        if not self.enabled:
+            return
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a")
+        keys = [k for row in batch.keys for k in row]
+        self.file.write(json.dumps({"step": step, "ids": batch.consumed[: len(keys)], "keys": keys}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

@@ -43,3 +43,11 @@ def build_optimizer(o, model: torch.nn.Module, cuda: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                                   fused=cuda)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
+
+
+def learning_rates(groups: list[dict]) -> dict[str, float]:
+    """lr: AdamW's (optim.lr through the schedule); with Muon also lr_muon, its hidden matrices' (optim.muon_lr).
+    DeepSpeed's get_lr() gives the first group's, which under Muon is the Muon half."""
+    muon = [g["lr"] for g in groups if g.get("use_muon")]
+    adam = [g["lr"] for g in groups if not g.get("use_muon")]
+    return {"lr": (adam or muon)[0], **({"lr_muon": muon[0]} if muon and adam else {})}

@@ -34,6 +34,19 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointi
     return model
 
 
+def full_rows(module: nn.Module, dims: ParallelDims, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """The model on full packed rows, for validation and sampling: each SP rank runs its shard of the rows and the
+    output is gathered back, so callers see whole rows (fp32) whatever the SP degree."""
+
+    def forward(x, t, pos, seg, text, text_seg, extent):
+        shard = lambda v: shard_sequence(v, dims.sp_rank, dims.sp)  # noqa: E731
+        out = module(shard(x).to(dtype), t.to(dtype), shard(pos), shard(seg), text.to(dtype), text_seg,
+                     extent=shard(extent))
+        return gather_sequence(out.float(), dims.sp_group) if dims.sp > 1 else out.float()
+
+    return forward
+
+
 def build_partitioned(build_model: Callable[[], nn.Module], ds_config: dict, mpu=None) -> nn.Module:
     """Builds the model; at ZeRO stage 3 inside `deepspeed.zero.Init`, partitioned over the whole world as the
     engine's ZeRO-3 partitions it (the SP mpu's sequence-data-parallel group). Each module initialises its own
@@ -70,4 +83,4 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
 
 __all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims",
            "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "gather_sequence",
-           "shard_sequence", "parallelize_dit", "parallelize", "build_partitioned", "checkpoint_module"]
+           "shard_sequence", "full_rows", "parallelize_dit", "parallelize", "build_partitioned", "checkpoint_module"]

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 warnings.filterwarnings("ignore")
-from faults import poisoned_trainer  # noqa: E402  (beside this file)
+from faults import train_poisoned  # noqa: E402  (beside this file)
 
 PACKAGE = Path(__import__("sora_train").__file__).parent
 RECORDS: list[dict] = []
@@ -52,11 +52,7 @@ def main():
     for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
                  "all_to_all_single", "reduce"):
         spy(name)
-    trainer = poisoned_trainer({poison}, sys.argv[3:])  # tests/dist/faults.py
-    try:
-        trainer.train()
-    finally:
-        trainer.logger.close()
+    trainer = train_poisoned({poison}, sys.argv[3:])  # tests/dist/faults.py
     if trainer.dims.is_main:
         Path(out).write_text(json.dumps({"device": str(trainer.device), "records": RECORDS}))
     trainer.close()

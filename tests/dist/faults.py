@@ -14,39 +14,32 @@ from sora_train.config import register  # noqa: E402
 from sora_train.train import build  # noqa: E402
 
 
-class Poisoned:
-    """Wraps the trainer's loader: batches of the listed steps get NaN inputs (past the decoder's checks,
-    as a numerically unstable step would)."""
-
-    def __init__(self, loader, steps: set[int], trainer):
-        self.loader, self.steps, self.trainer = loader, steps, trainer
-        self.stats, self.state_dict, self.start = loader.stats, loader.state_dict, loader.start
-
-    def __iter__(self):
-        for b in self.loader:
-            if self.trainer.step + 1 in self.steps:
-                b.tokens[0, 0, 0] = float("nan")
-            yield b
+def poisoned(batches, steps: set[int], trainer):
+    """The trainer's own batches; those of the listed steps get NaN inputs (past the decoder's checks, as a
+    numerically unstable step would)."""
+    for b in batches:
+        if trainer.step + 1 in steps:
+            b.tokens[0, 0, 0] = float("nan")
+        yield b
 
 
-def poisoned_trainer(poison: set[int], overrides: list[str]):
-    """The real trainer from `overrides`, its loader poisoned at the given steps."""
+def train_poisoned(poison: set[int], overrides: list[str]):
+    """The real trainer from `overrides`, trained on its loader's batches poisoned at the given steps."""
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     trainer = build(cfg)
-    trainer.loader = Poisoned(trainer.loader, poison, trainer)
+    try:
+        trainer.train(poisoned(iter(trainer.loader), poison, trainer))
+    finally:
+        trainer.logger.close()
     return trainer
 
 
 def main():
-    trainer = poisoned_trainer({int(s) for s in sys.argv[1].split(",") if s}, sys.argv[2:])
-    try:
-        trainer.train()
-    finally:
-        trainer.logger.close()
+    trainer = train_poisoned({int(s) for s in sys.argv[1].split(",") if s}, sys.argv[2:])
     finite = all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
-    print(f"FINAL step={trainer.step} params_finite={finite} nonfinite_steps={trainer.skipped_steps}")
+    print(f"FINAL step={trainer.step} params_finite={finite} nonfinite_steps={trainer.state.nonfinite_steps}")
     trainer.close()
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codecs import VideoCodec
-from .data.patchify import grid_positions, unpatchify
-from .diffusion import guided
-from .video_io import write_gif, write_mp4
+from ..codecs import VideoCodec
+from ..data.patchify import grid_positions, unpatchify
+from ..diffusion import guided
+from ..video_io import write_gif, write_mp4
 
 
 def latent_grid(codec: VideoCodec, patch, frames: int, height: int, width: int) -> tuple[int, int, int]:

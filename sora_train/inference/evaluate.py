@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES
+from ..synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES
 
 COLOUR_NAMES = tuple(COLOURS)
 
@@ -126,36 +126,22 @@ def contact_sheet(videos: list[np.ndarray], path: Path, scale: int = 3) -> None:
 def run(cfg) -> dict:
     import torch
 
-    from .codecs import codec_from_manifest_name
-    from .codecs.text import text_encoder_named
-    from .diffusion import build_objective, check_sampler
-    from .generate import generate_latents, latent_grid, to_frames
-    from .sample import diffusion_from_meta, load_for_sampling
+    from ..models import DiT
+    from .pipeline import load_pipeline
 
-    model, meta = load_for_sampling(cfg.checkpoint, cfg.use_ema)
-    dc = diffusion_from_meta(meta)
-    sampler = cfg.sampler or dc.sampler
-    check_sampler(dc.kind, sampler)
+    pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device)
+    sampler = pipe.sampler(cfg.sampler)  # refused before any work
     if cfg.untrained:  # the same architecture at initialisation: the floor to compare against
-        from .models import DiT
-
         torch.manual_seed(0)
-        model = DiT(model.args).eval()
-    manifest = meta["manifest"]
-    encoder = text_encoder_named(manifest["text_encoder"]["name"])
-    codec = codec_from_manifest_name(manifest["codec"]["name"])
-    a = model.args
+        pipe.forward = DiT(pipe.args).eval().to(pipe.device)
     items = eval_prompts(cfg.seed, cfg.per_pair)
-    texts = encoder.encode([it["prompt"] for it in items])
-    grid = latent_grid(codec, a.patch_size, cfg.frames, cfg.height, cfg.width)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": str(cfg.checkpoint), "untrained": cfg.untrained, "step": meta.get("step"),
+    report = {"checkpoint": str(cfg.checkpoint), "untrained": cfg.untrained, "step": pipe.meta.get("step"),
               "sampler": sampler, "steps": cfg.steps, "prompts": len(items), "results": {}}
     for g in cfg.guidance:
-        latents = generate_latents(model, build_objective(dc), texts, grid, a.patch_size, a.in_channels, a.text_dim,
-                                   cfg.steps, g, sampler, cfg.seed, "cpu")
-        videos = [to_frames(codec, z) for z in latents]
+        videos = pipe.generate([it["prompt"] for it in items], cfg.frames, cfg.height, cfg.width, cfg.steps, g,
+                               sampler, cfg.seed)
         analyses = [analyse(v) for v in videos]
         report["results"][f"guidance_{g}"] = score(items, analyses)
         contact_sheet(videos, out / f"contact_sheet_guidance_{g}.png")
@@ -168,8 +154,8 @@ def run(cfg) -> dict:
 def main() -> None:
     import hydra
 
-    from . import CONF_DIR
-    from .config import register
+    from .. import CONF_DIR
+    from ..config import register
 
     register()
 

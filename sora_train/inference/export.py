@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .engine.checkpoint import find_latest, is_complete
+from ..engine.checkpoint import find_latest, is_complete
 
 
 def consolidated_ema(step_dir: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@
 - conditioning distance: how far apart two prompts put block 0's adaLN modulation (the per-sample
   scale/shift/gate vectors), i.e. how strongly the global conditioning tells them apart.
 
-  python -m sora_train.probe runs/quickstart/checkpoints "a red square moving left on a black background" \
+  sora-probe runs/quickstart/checkpoints "a red square moving left on a black background" \
       --pair "a red square moving right on a black background" --pair "a blue square moving left on a black background"
 """
 
@@ -15,9 +15,8 @@ import argparse
 
 import torch
 
-from .codecs.text import text_encoder_named
-from .models.dit import pool_segments
-from .sample import load_for_sampling
+from ..models.dit import pool_segments
+from .pipeline import load_pipeline
 
 
 def cross_attention_probs(module, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -68,9 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--t", type=float, default=0.9, help="diffusion time of the probe (1 = pure noise)")
     p.add_argument("--no-ema", action="store_true")
     a = p.parse_args(argv)
-    model, meta = load_for_sampling(a.checkpoint, not a.no_ema)
-    name = (meta.get("manifest") or {}).get("text_encoder", {}).get("name", "minilm")
-    encoder = text_encoder_named(name)
+    pipe = load_pipeline(a.checkpoint, not a.no_ema, "cpu")
+    model, encoder = pipe.model, pipe.encoder
     words = encoder.tokenizer.convert_ids_to_tokens(encoder.tokenizer(a.prompt).input_ids)
     states = [torch.from_numpy(s).float() for s in encoder.encode([a.prompt, *a.pair])]
     mass = cross_attention_mass(model, states[0], t=a.t)  # [depth, H, L]

@@ -1,0 +1,40 @@
+"""Which checkpoint a run continues from, and which config changes a resume refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import saved_model_config, to_container
+from ..preflight import ConfigError
+from .checkpoint import find_latest
+
+
+def resume_point(cfg, ckpt_root: Path) -> Path | None:
+    """checkpoint.resume: never | auto (the newest complete step directory, if any) | a path."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return find_latest(ckpt_root)
+    return Path(cfg.checkpoint.resume)
+
+
+def refuse_incompatible_resume(cfg, meta: dict, src: Path, world: int | None = None) -> None:
+    """A run may change its world size, SP degree, schedule or data layout on resume, not its model, optimizer
+    or ZeRO stage: say so before DeepSpeed fails deep inside load_checkpoint."""
+    old, new = meta["config"], to_container(cfg)
+    old_model = to_container(saved_model_config(old["model"]))
+    changed = [f"model.{k}: {old_model[k]!r} -> {v!r}" for k, v in new["model"].items() if old_model[k] != v]
+    old_optimizer = old["optim"].get("name", "adamw")  # checkpoints from before optim.name: AdamW
+    if old_optimizer != new["optim"]["name"]:
+        changed.append(f"optim.name: {old_optimizer} -> {new['optim']['name']}")
+    if old["parallel"]["zero_stage"] != new["parallel"]["zero_stage"]:
+        changed.append(f"parallel.zero_stage: {old['parallel']['zero_stage']} -> {new['parallel']['zero_stage']}")
+    saved_world = meta.get("world_size", world)
+    if old_optimizer == "muon" and world is not None and saved_world != world:
+        # Measured with deepspeed 0.19.8: ds_to_universal stops with KeyError 'exp_avg' on Muon's state.
+        raise ConfigError(f"cannot resume {src} on {world} ranks: it was saved on {saved_world} with optim.name=muon, "
+                          f"and DeepSpeed's universal checkpoint (which carries optimizer state to another world "
+                          f"size) does not hold Muon's momentum; resume on {saved_world} ranks")
+    if changed:
+        raise ConfigError(f"cannot resume {src} with this config ({'; '.join(changed)}); use the checkpoint's "
+                          f"config or start a new out_dir (checkpoint.resume=never starts over in place)")

@@ -1,0 +1,113 @@
+"""One way from weights to videos, for sora-sample, sora-eval, the probe and samples during training: the DiT (as
+a full-rows forward), its diffusion objective, and the text encoder and codec the data was encoded with (named in
+the dataset manifest; each built once, at first use)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..codecs import codec_from_manifest_name
+from ..config import model_args, saved_model_config
+from ..diffusion import DDPMConfig, DiffusionConfig, FlowConfig, build_objective, check_sampler
+from ..engine.checkpoint import find_latest, is_complete
+from ..models import DiT, DiTArgs
+from .generate import generate_latents, latent_grid, to_frames
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() and name != "cpu" else "cpu")
+
+
+def load_model(path: str | Path, use_ema: bool = True) -> tuple[DiT, dict]:
+    """An export dir (model.safetensors, ema.safetensors, meta.json) or a checkpoint (step dir or its parent)."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        meta = json.loads((path / "meta.json").read_text())
+        weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").exists() else "model.safetensors")
+        state = load_file(str(weights))
+    else:
+        step_dir = path if is_complete(path) else find_latest(path)
+        if step_dir is None:
+            raise FileNotFoundError(f"{path}: no export and no complete checkpoint found")
+        from .export import consolidated_ema, fp32_weights
+
+        meta = json.loads((step_dir / "meta.json").read_text())
+        use_ema = use_ema and (step_dir / "ema" / "layout.json").exists()
+        state = consolidated_ema(step_dir) if use_ema else fp32_weights(step_dir)
+    model = DiT(model_args(saved_model_config(meta["config"]["model"])))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), meta
+
+
+def diffusion_from_meta(meta: dict) -> DiffusionConfig:
+    d = meta["config"]["diffusion"]
+    return DiffusionConfig(kind=d["kind"], flow=FlowConfig(**d["flow"]), ddpm=DDPMConfig(**d["ddpm"]),
+                           sampler=d["sampler"], steps=d["steps"], guidance=d["guidance"])
+
+
+@dataclass
+class Pipeline:
+    forward: Callable[..., torch.Tensor]  # full rows in, full rows out (fp32)
+    args: DiTArgs
+    diffusion: DiffusionConfig
+    manifest: dict  # the dataset's: names the text encoder and the codec
+    device: torch.device
+    text_encoder_name: str | None = None  # instead of the manifest's (a local HF dir)
+    sp: int = 1  # the sequence-parallel degree the forward shards over: rows are padded to a multiple of it
+    meta: dict = field(default_factory=dict)  # the checkpoint's
+    model: torch.nn.Module | None = None  # the DiT behind `forward`, when that is one module on one device
+
+    def __post_init__(self):
+        if not self.text_encoder_name and "text_encoder" not in self.manifest:
+            raise ValueError("the checkpoint names no dataset manifest: set text_encoder=<local HF dir>")
+        if "codec" not in self.manifest:
+            raise ValueError("the checkpoint names no dataset manifest, so no codec to decode latents with")
+
+    @cached_property
+    def encoder(self):
+        from ..codecs.text import text_encoder_named  # transformers: imported only when prompts are encoded
+
+        return text_encoder_named(self.text_encoder_name or self.manifest["text_encoder"]["name"], device=self.device)
+
+    @cached_property
+    def codec(self):
+        return codec_from_manifest_name(self.manifest["codec"]["name"], device=str(self.device))
+
+    @cached_property
+    def objective(self):
+        return build_objective(self.diffusion)
+
+    def sampler(self, name: str | None) -> str:
+        """The sampler to use (default: the checkpoint's), refused before any work if the objective lacks it."""
+        name = name or self.diffusion.sampler
+        check_sampler(self.diffusion.kind, name)
+        return name
+
+    def generate(self, prompts: list[str], frames: int, height: int, width: int, steps: int, guidance: float,
+                 sampler: str | None = None, seed: int = 0) -> list[np.ndarray]:
+        """prompts -> uint8 videos [T,H,W,3]."""
+        sampler = self.sampler(sampler)
+        a = self.args
+        grid = latent_grid(self.codec, a.patch_size, frames, height, width)
+        latents = generate_latents(self.forward, self.objective, self.encoder.encode(list(prompts)), grid, a.patch_size,
+                                   a.in_channels, a.text_dim, steps, guidance, sampler, seed, self.device, self.sp)
+        return [to_frames(self.codec, z) for z in latents]
+
+
+def load_pipeline(checkpoint: str | Path, use_ema: bool = True, device: str | torch.device = "auto",
+                  text_encoder: str | None = None) -> Pipeline:
+    """A checkpoint or an export -> a Pipeline on one device (auto: the GPU when there is one)."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    model, meta = load_model(checkpoint, use_ema)
+    model.to(device)
+    return Pipeline(model, model.args, diffusion_from_meta(meta), meta.get("manifest") or {}, device, text_encoder,
+                    meta=meta, model=model)
