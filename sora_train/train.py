@@ -13,7 +13,6 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from . import CONF_DIR
 from .config import model_args, register, to_container
@@ -22,11 +21,11 @@ from .data.stream import NoUsableSamples
 from .diffusion import build_objective, packed_loss, per_token, step_generator
 from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
 from .engine.ema import EMA
-from .engine.metrics import MetricLogger, SampleIds, Throughput
+from .engine.metrics import MetricLogger, SampleIds, Throughput, describe_run
 from .engine.nonfinite import NonFiniteSteps
 from .engine.optim import learning_rates
 from .engine.preemption import StopRequested, exit_after_save
-from .engine.resume import refuse_incompatible_resume, resume_point
+from .engine.resume import prepare_resume
 from .engine.run_dir import RunDirInUse, RunLock
 from .engine.samples import TrainingSamples
 from .engine.validate import Validator
@@ -178,17 +177,6 @@ class Trainer:
             self.lock.release()
 
 
-def describe_run(cfg, engine, dims, device) -> str:
-    """One line at start-up: what is being trained, where, and how fast it will have to go."""
-    m, d, o = cfg.model, cfg.data, cfg.optim
-    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    dtype = "bf16" if engine.bfloat16_enabled() else "fp32"
-    return (f"sora-train: model {m.name} ({params / 1e6:.1f}M parameters: dim {m.dim}, depth {m.depth}, "
-            f"{m.heads} heads), attention {m.attention}; {dims.world_size} process(es) = dp {dims.dp} x sp {dims.sp} "
-            f"on {device.type}, ZeRO stage {cfg.parallel.zero_stage}, {dtype}; {d.seq_len} tokens x {d.rows} row(s) "
-            f"x {o.grad_accum} micro-batch(es) per rank per step; {o.steps} steps of {o.name} -> {cfg.out_dir}")
-
-
 def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (the bench feeds synthetic rows); its
     position is then not checkpointed."""
@@ -202,19 +190,7 @@ def build(cfg, loader=None) -> Trainer:
     ckpt = CheckpointManager(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep_last,
                              dims.rank, dims.world_size, cfg.checkpoint.every,
                              description={"config": to_container(cfg), "manifest": header})
-    if dims.is_main:  # under the run directory's lock: nothing else writes here
-        for d in ckpt.remove_half_written():
-            print(f"removed {d}: a half-written checkpoint (a crash or a full disk while saving)", flush=True)
-    dist.barrier()
-    src = resume_point(cfg, ckpt.root)
-    saved = ckpt.read_meta(src) if src is not None else None
-    if saved is not None:
-        refuse_incompatible_resume(cfg, saved, src, dims.world_size)
-    if dims.is_main:  # after the resume check: a refused resume leaves the run's config as it was
-        (Path(cfg.out_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    resharding = saved is not None and saved["world_size"] != dims.world_size
-    if resharding:
-        ckpt.prepare_resharding(src)
+    src, resharding = prepare_resume(cfg, ckpt, dims)
     args = model_args(cfg.model)
     engine = parallelize(lambda: DiT(args), cfg.parallel, cfg.optim, cfg.data.rows, dims, device,
                          load_universal=resharding)
@@ -244,9 +220,9 @@ def build(cfg, loader=None) -> Trainer:
     objective = build_objective(cfg.diffusion)
     pipeline = Pipeline(forward, args, cfg.diffusion, manifest, device, sp=dims.sp) \
         if manifest is not None and cfg.logging.sample_prompts else None
-    trainer = Trainer(cfg, dims, engine, ema, objective, ckpt, logger, loader,
-                      Validator(cfg, dims, objective, forward, device), TrainingSamples(cfg, pipeline, logger,
-                                                                                          dims.is_main), device)
+    validator, samples = Validator(cfg, dims, objective, forward, device), TrainingSamples(cfg, pipeline, logger,
+                                                                                          dims.is_main)
+    trainer = Trainer(cfg, dims, engine, ema, objective, ckpt, logger, loader, validator, samples, device)
     trainer.lock = lock
     return trainer
 

@@ -112,3 +112,14 @@ class SampleIds:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def describe_run(cfg, engine, dims, device) -> str:
+    """One line at start-up: what is being trained, where, and how fast it will have to go."""
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    dtype = "bf16" if engine.bfloat16_enabled() else "fp32"
+    return (f"sora-train: model {m.name} ({params / 1e6:.1f}M parameters: dim {m.dim}, depth {m.depth}, "
+            f"{m.heads} heads), attention {m.attention}; {dims.world_size} process(es) = dp {dims.dp} x sp {dims.sp} "
+            f"on {device.type}, ZeRO stage {cfg.parallel.zero_stage}, {dtype}; {d.seq_len} tokens x {d.rows} row(s) "
+            f"x {o.grad_accum} micro-batch(es) per rank per step; {o.steps} steps of {o.name} -> {cfg.out_dir}")

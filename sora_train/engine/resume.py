@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
 from ..config import saved_model_config, to_container
 from ..preflight import ConfigError
 from .checkpoint import find_latest
@@ -38,3 +41,23 @@ def refuse_incompatible_resume(cfg, meta: dict, src: Path, world: int | None = N
     if changed:
         raise ConfigError(f"cannot resume {src} with this config ({'; '.join(changed)}); use the checkpoint's "
                           f"config or start a new out_dir (checkpoint.resume=never starts over in place)")
+
+
+def prepare_resume(cfg, ckpt, dims) -> tuple[Path | None, bool]:
+    """Before the model is built (collective): removes half-written checkpoints, finds the one to continue from,
+    refuses an incompatible one, writes the run's config.yaml, and converts the checkpoint when the world size
+    changed. Returns (the step directory to load or None, whether the engine loads DeepSpeed's universal form)."""
+    if dims.is_main:  # under the run directory's lock: nothing else writes here
+        for d in ckpt.remove_half_written():
+            print(f"removed {d}: a half-written checkpoint (a crash or a full disk while saving)", flush=True)
+    dist.barrier()
+    src = resume_point(cfg, ckpt.root)
+    saved = ckpt.read_meta(src) if src is not None else None
+    if saved is not None:
+        refuse_incompatible_resume(cfg, saved, src, dims.world_size)
+    if dims.is_main:  # after the resume check: a refused resume leaves the run's config as it was
+        (Path(cfg.out_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resharding = saved is not None and saved["world_size"] != dims.world_size
+    if resharding:
+        ckpt.prepare_resharding(src)
+    return src, resharding
