@@ -1,13 +1,19 @@
 """Encode captioned videos into webdataset shards of latents + text states, with a manifest.
 
-Policy for each clip (documented in README "Data"):
-  1. frames: keep every `stride`-th frame (stride = round(fps / target_fps) when target_fps is
+Policy (documented in README "Data"):
+  0. clips: a captions line gives one clip, the whole video from its start, or its own `start`/`end` seconds;
+     --scenes cuts it at shot changes and --clip-seconds into windows, each clip a sample (source and time range
+     in its json).
+  1. frames of a clip: keep every `stride`-th frame (stride = round(fps / target_fps) when target_fps is
      set), keep at most `max_frames`, then snap down to a count the codec maps to a whole number
      of temporal patches; fewer than `min_frames` left -> the clip is skipped as too short. With
-     span=True the same number of frames is taken evenly from the first to the last frame.
-  2. space: keep the aspect ratio, scale down (never up) so H*W <= max_pixels, snap H and W down
-     to multiples of codec factor x patch size, resize (antialiased) and centre-crop to that.
-  3. codec.encode(frames in [-1,1]) -> latent (C,T',H',W') float16; caption -> text states.
+     span=True the same number of frames is taken evenly from the first to the last frame. Only the
+     kept frames are decoded to pixels, from a seek to the clip's start: memory is bounded by max_frames.
+  2. space: the frames upright (the display rotation) and at their display aspect (anamorphic pixels
+     made square); scale down (never up) so H*W <= max_pixels, snap H and W down to multiples of codec
+     factor x patch size, resize (antialiased) and centre-crop to that.
+  3. codec.encode(frames in [-1,1]) -> latent (C,T',H',W') float16; caption -> text states (cut at
+     --text-max-length tokens, counted; an empty caption -> the unconditional one: one zero vector).
 
 Inputs are cut into fixed chunks of `clips_per_shard` lines of the captions file and chunk i is
 written to shard-{i:06d}.tar. We write each chunk with webdataset's TarWriter rather than
@@ -15,7 +21,8 @@ ShardWriter because ShardWriter cuts shards by size as it goes: the inputs of a 
 unknown in advance, so a rerun cannot skip finished shards and array tasks cannot own disjoint
 outputs. A shard's size stays bounded because the policy caps pixels and frames per clip.
 Finished shards are published by rename with a sidecar .json, so reruns skip them; a bad video
-is skipped, counted and listed in failures.jsonl, never aborting the job.
+or a bad captions line is skipped, counted and listed in failures.jsonl (file:line, reason), never
+aborting the job.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -37,7 +45,7 @@ import webdataset as wds
 from torchvision.transforms.v2 import functional as TF
 
 from sora_train.codecs import VideoCodec, build_codec
-from sora_train.video_io import VideoReadError, read_video
+from sora_train.video_io import VideoInfo, VideoReadError, probe_video, read_frames, scene_cuts
 
 MANIFEST_VERSION = 1
 
@@ -50,6 +58,9 @@ class EncodePolicy:
     min_frames: int = 2
     target_fps: float | None = None
     span: bool = False  # stride so that max_frames cover the whole clip (short clips, motion datasets)
+    clip_seconds: float | None = None  # cut each video (or each scene) into consecutive windows of this length
+    scenes: bool = False  # cut each video at its shot changes (video_io.scene_cuts) into one clip per shot
+    scene_threshold: float = 10.0  # FFmpeg scdet score (0-100) above which a frame starts a new shot
 
 
 class ClipRejected(ValueError):
@@ -73,21 +84,75 @@ def target_size(h: int, w: int, policy: EncodePolicy, codec: VideoCodec) -> tupl
     scale = min(1.0, math.sqrt(policy.max_pixels / (h * w)))
     th, tw = int(h * scale) // mh * mh, int(w * scale) // mw * mw
     if th < mh or tw < mw:
+        if h >= mh and w >= mw:  # big enough, but --max-pixels squeezes the short side below one patch
+            raise ClipRejected(f"too small: aspect {max(h, w) / min(h, w):.1f}:1 is too extreme for --max-pixels "
+                               f"{policy.max_pixels}: {h}x{w} scales to {int(h * scale)}x{int(w * scale)}, and each "
+                               f"side needs a multiple of {mh}x{mw}")
         raise ClipRejected(f"too small: {h}x{w} cannot give a {mh}x{mw} multiple")
     return th, tw
 
 
-def prepare_frames(frames: np.ndarray, fps: float, policy: EncodePolicy, codec: VideoCodec) -> torch.Tensor:
-    """uint8 [T,H,W,3] -> float [1,3,T',H',W'] in [-1,1] under the policy."""
-    idx = frame_indices(len(frames), fps, policy, codec)
-    video = torch.from_numpy(frames[idx]).permute(0, 3, 1, 2)  # [T,3,H,W] uint8
-    th, tw = target_size(video.shape[2], video.shape[3], policy, codec)
-    s = max(th / video.shape[2], tw / video.shape[3])
-    rh, rw = max(th, round(video.shape[2] * s)), max(tw, round(video.shape[3] * s))
+def fit_frames(frames: np.ndarray, display: tuple[int, int], policy: EncodePolicy, codec: VideoCodec) -> torch.Tensor:
+    """uint8 [T,H,W,3] (upright, stored pixels) -> float [1,3,T,H',W'] in [-1,1]: resized to the display aspect
+    (`display` = (height, width) as shown: anamorphic pixels are made square here), scaled under max_pixels and
+    centre-cropped to multiples of codec factor x patch."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T,3,H,W] uint8
+    dh, dw = display
+    th, tw = target_size(dh, dw, policy, codec)
+    s = max(th / dh, tw / dw)
+    rh, rw = max(th, round(dh * s)), max(tw, round(dw * s))
     if (rh, rw) != tuple(video.shape[2:]):
         video = TF.resize(video, [rh, rw], antialias=True)
     video = TF.center_crop(video, [th, tw])
     return (video.float() / 127.5 - 1.0).permute(1, 0, 2, 3).unsqueeze(0)
+
+
+def prepare_frames(frames: np.ndarray, fps: float, policy: EncodePolicy, codec: VideoCodec) -> torch.Tensor:
+    """All of a clip's frames in memory, uint8 [T,H,W,3] with square pixels -> float [1,3,T',H',W'] in [-1,1]
+    under the policy (the encoder itself decodes only the frames it keeps: encode_clip)."""
+    idx = frame_indices(len(frames), fps, policy, codec)
+    return fit_frames(frames[idx], frames.shape[1:3], policy, codec)
+
+
+@dataclass
+class Clip:
+    """One sample to encode: a time range of a source video (end None: to its end)."""
+
+    start: float = 0.0
+    end: float | None = None
+
+
+def clips_of(row: dict, info: VideoInfo, path: str, policy: EncodePolicy) -> list[Clip]:
+    """The clips a captions row gives: its own `start`/`end` (seconds) if it has them, else the whole video; cut
+    at shot changes (--scenes) and then into windows of --clip-seconds. Without either: one clip from the start."""
+    start, end = float(row.get("start") or 0.0), row.get("end")
+    end = float(end) if end is not None else info.duration
+    pieces = [Clip(start, end)]
+    if policy.scenes:
+        cuts = [t for t in scene_cuts(path, policy.scene_threshold) if start < t < end]
+        pieces = [Clip(a, b) for a, b in zip([start, *cuts], [*cuts, end])]
+    if policy.clip_seconds:
+        n = lambda c: max(1, math.ceil((c.end - c.start) / policy.clip_seconds - 1e-6))  # noqa: E731
+        pieces = [Clip(c.start + k * policy.clip_seconds, min(c.end, c.start + (k + 1) * policy.clip_seconds))
+                  for c in pieces for k in range(n(c))]
+    if not (policy.scenes or policy.clip_seconds or "start" in row or "end" in row):
+        return [Clip(0.0, None)]
+    return pieces
+
+
+def encode_clip(path: str, info: VideoInfo, clip: Clip, policy: EncodePolicy, codec: VideoCodec) -> torch.Tensor:
+    """One clip -> latent [C,T',H',W']. Decodes only the frames the policy keeps (read_frames)."""
+    window = info.window(clip.start, clip.end)
+    if not window:
+        raise ClipRejected(f"too short: no frame in [{clip.start:g}, {clip.end:g}) s")
+    keep = [window[i] for i in frame_indices(len(window), info.fps, policy, codec)]
+    frames = read_frames(path, keep, info)
+    if len(frames) < len(keep):  # a damaged tail: fewer frames decoded than the container lists
+        keep = keep[: codec.info.snap_frames(len(frames), latent_multiple=policy.patch_size[0])]
+        if len(keep) < max(policy.min_frames, 1):
+            raise ClipRejected(f"too short: only {len(frames)} frames decode")
+        frames = frames[: len(keep)]
+    return codec.encode(fit_frames(frames, info.display_size, policy, codec))[0]
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -101,42 +166,73 @@ def npy_bytes(a: np.ndarray) -> bytes:
 _worker: dict = {}
 
 
-def _init_worker(codec_kw: dict, text_path: str | None, policy: EncodePolicy, threads: int) -> None:
+def _init_worker(codec_kw: dict, text_path: str | None, text_max_length: int | None, policy: EncodePolicy,
+                 threads: int) -> None:
     from sora_train.codecs.text import HFTextEncoder
 
     torch.set_num_threads(threads)
-    _worker.update(codec=build_codec(**codec_kw), text=HFTextEncoder(text_path), policy=policy)
+    _worker.update(codec=build_codec(**codec_kw), text=HFTextEncoder(text_path, text_max_length), policy=policy)
 
 
 def encode_chunk(chunk: int, rows: list[dict], base: str, out_dir: str) -> dict:
     codec, text, policy = _worker["codec"], _worker["text"], _worker["policy"]
     out, final = Path(out_dir), Path(out_dir) / f"shard-{chunk:06d}.tar"
     tmp = final.with_suffix(".tar.tmp")
-    stats = {"shard": final.name, "samples": 0, "latent_positions": 0, "tokens": 0, "failures": []}
+    stats = {"shard": final.name, "samples": 0, "latent_positions": 0, "tokens": 0, "failures": [],
+             "truncated_captions": 0, "max_text_tokens": 0}
     ph, pw, pt = policy.patch_size[1], policy.patch_size[2], policy.patch_size[0]
-    text_states = text.encode([r["caption"] for r in rows])
-    with wds.TarWriter(str(tmp)) as sink:
-        for j, (row, states) in enumerate(zip(rows, text_states)):
-            src = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
-            try:
-                frames, fps = read_video(src)
-                latent = codec.encode(prepare_frames(frames, fps, policy, codec))[0]
-            except (VideoReadError, ClipRejected) as e:
-                stats["failures"].append({"path": src, "reason": str(e)})
-                continue
-            c, t, h, w = latent.shape
-            meta = {"source": src, "fps": fps, "frames": int(len(frames)), "source_height": int(frames.shape[1]),
-                    "source_width": int(frames.shape[2]), "latent_shape": [c, t, h, w], "codec": codec.info.name,
-                    "text_encoder": text.name, "caption": row["caption"]}
-            sink.write({"__key__": f"c{chunk:06d}_{j:04d}", "latent.npy": npy_bytes(latent.numpy().astype(np.float16)),
-                        "text.npy": npy_bytes(states), "txt": row["caption"], "json": json.dumps(meta)})
-            stats["samples"] += 1
-            stats["latent_positions"] += t * h * w
-            stats["tokens"] += (t // pt) * (h // ph) * (w // pw)
+    good = [r for r in rows if "error" not in r]
+    stats["failures"] += [{"path": r.get("path"), "line": r["where"], "reason": r["error"]} for r in rows if "error" in r]
+    states_of, token_counts = text.encode_with_counts([r["caption"] for r in good])
+    try:
+        with wds.TarWriter(str(tmp)) as sink:
+            for row, states, n_tokens in zip(good, states_of, token_counts):
+                src = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
+                truncated = n_tokens > text.max_length
+                stats["truncated_captions"] += truncated
+                try:
+                    info = probe_video(src)
+                    clips = clips_of(row, info, src, policy)
+                except (VideoReadError, ClipRejected) as e:
+                    stats["failures"].append({"path": src, "line": row["where"], "reason": str(e)})
+                    continue
+                for k, clip in enumerate(clips):
+                    try:
+                        latent = encode_clip(src, info, clip, policy, codec)
+                    except (VideoReadError, ClipRejected) as e:
+                        stats["failures"].append({"path": src, "line": row["where"], "start": clip.start,
+                                                  "end": clip.end, "reason": str(e)})
+                        continue
+                    c, t, h, w = latent.shape
+                    dh, dw = info.display_size
+                    meta = {"source": src, "fps": info.fps, "frames": info.frames, "source_height": dh,
+                            "source_width": dw, "latent_shape": [c, t, h, w], "codec": codec.info.name,
+                            "text_encoder": text.name, "caption": row["caption"], "caption_tokens": n_tokens,
+                            "caption_truncated": bool(truncated)}
+                    if clip.end is not None:
+                        meta.update(start=clip.start, end=clip.end)
+                    # A row's clip keeps the row's key; clips cut from it (--scenes, --clip-seconds) are numbered.
+                    key = f"c{chunk:06d}_{row['index']:04d}" + (f"_{k:04d}" if policy.scenes or policy.clip_seconds
+                                                                else "")
+                    sink.write({"__key__": key, "latent.npy": npy_bytes(latent.numpy().astype(np.float16)),
+                                "text.npy": npy_bytes(states), "txt": row["caption"], "json": json.dumps(meta)})
+                    stats["samples"] += 1
+                    stats["latent_positions"] += t * h * w
+                    stats["tokens"] += (t // pt) * (h // ph) * (w // pw)
+                    stats["max_text_tokens"] = max(stats["max_text_tokens"], int(states.shape[0]))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a crash leaves no half shard behind (the rerun redoes this chunk)
+        raise
+    if stats["truncated_captions"]:
+        print(f"{final.name}: {stats['truncated_captions']} caption(s) longer than {text.max_length} tokens were cut "
+              f"(--text-max-length)", file=sys.stderr, flush=True)
     stats["sha256"] = file_sha256(tmp)  # the dataset's identity for resume (sora_train.data.shards.fingerprint)
     os.replace(tmp, final)  # publish the shard, then its sidecar: a sidecar means "done"
     _write_json(out / f"shard-{chunk:06d}.json", stats)
     return stats
+
+
+LEGACY_SETTINGS = {"text_max_length": 64}  # captions were cut at 64 tokens before --text-max-length
 
 
 class OutputInUse(ValueError):
@@ -150,7 +246,9 @@ def claim_output(out_dir: Path, settings: dict) -> None:
     path = out_dir / "encode_settings.json"
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
     if path.exists():
-        old = json.loads(path.read_text())
+        # Settings added since an output was started are compared as the value its encode used then.
+        old = {**LEGACY_SETTINGS, **json.loads(path.read_text())}
+        old["policy"] = {**json.loads(json.dumps(asdict(EncodePolicy()))), **old["policy"]}
         changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
                    if old.get(k) != settings.get(k)]
         if changed:
@@ -177,15 +275,40 @@ def _write_json(path: Path, obj) -> None:
 
 
 def read_captions(path: str | Path) -> list[dict]:
+    """One dict per non-blank line, in order, each with `where` (file:line) and `index` (its place in its chunk is
+    set later). A line that cannot be used carries `error` instead of failing the job: it becomes a row of
+    failures.jsonl. A UTF-8 byte-order mark (editors on Windows write one) is skipped."""
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
                 row = json.loads(line)
-                if "path" not in row or "caption" not in row:
-                    raise ValueError(f"{path}:{n}: each line needs 'path' and 'caption'")
-                rows.append(row)
+            except json.JSONDecodeError as e:
+                rows.append({"where": where, "error": f"not JSON ({e.msg} at column {e.colno})"})
+                continue
+            error = row_error(row)
+            path_ = row.get("path") if isinstance(row, dict) and isinstance(row.get("path"), str) else None
+            rows.append(dict(error, path=path_, where=where) if error else dict(row, where=where))
     return rows
+
+
+def row_error(row) -> dict:
+    """{} for a usable row, else {"error": why}."""
+    if not isinstance(row, dict):
+        return {"error": f"a line must be a JSON object, not {type(row).__name__}"}
+    if not isinstance(row.get("path"), str) or not row["path"]:
+        return {"error": f"'path' must be a file name, got {row.get('path')!r}"}
+    if not isinstance(row.get("caption"), str):
+        return {"error": f"'caption' must be a string (\"\" for none), got {row.get('caption')!r}"}
+    times = [row.get(k) for k in ("start", "end") if row.get(k) is not None]
+    if any(not isinstance(v, (int, float)) or v < 0 for v in times):
+        return {"error": f"'start' and 'end' must be seconds >= 0, got {row.get('start')!r}, {row.get('end')!r}"}
+    if len(times) == 2 and times[0] >= times[1]:
+        return {"error": f"'start' ({times[0]}) must be before 'end' ({times[1]})"}
+    return {}
 
 
 def finalize(out_dir: Path, num_chunks: int, header: dict) -> Path | None:
@@ -203,26 +326,29 @@ def finalize(out_dir: Path, num_chunks: int, header: dict) -> Path | None:
     manifest = dict(header, version=MANIFEST_VERSION,
                     shards=[{k: s[k] for k in ("shard", "samples", "latent_positions", "tokens", "sha256") if k in s}
                             for s in shards],
-                    samples=sum(s["samples"] for s in shards), failures=sum(len(s["failures"]) for s in shards))
+                    samples=sum(s["samples"] for s in shards), failures=sum(len(s["failures"]) for s in shards),
+                    truncated_captions=sum(s.get("truncated_captions", 0) for s in shards),
+                    max_text_tokens=max((s.get("max_text_tokens", 0) for s in shards), default=0))
     _write_json(out_dir / "manifest.json", manifest)
     return out_dir / "manifest.json"
 
 
 def run(captions: str, out: str, codec_kw: dict, text_path: str | None, policy: EncodePolicy,
         clips_per_shard: int = 64, workers: int = 1, num_tasks: int = 1, task_index: int = 0,
-        progress: bool = True) -> Path | None:
+        progress: bool = True, text_max_length: int | None = None) -> Path | None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     claim_output(out_dir, {"captions_sha256": file_sha256(Path(captions)), "codec": codec_kw,
-                           "text_encoder": text_path or "minilm", "policy": asdict(policy),
-                           "clips_per_shard": clips_per_shard})
+                           "text_encoder": text_path or "minilm", "text_max_length": text_max_length,
+                           "policy": asdict(policy), "clips_per_shard": clips_per_shard})
     rows = read_captions(captions)
     base = str(Path(captions).resolve().parent)
-    chunks = [rows[i : i + clips_per_shard] for i in range(0, len(rows), clips_per_shard)]
+    chunks = [[dict(r, index=j) for j, r in enumerate(rows[i : i + clips_per_shard])]
+              for i in range(0, len(rows), clips_per_shard)]
     todo = [i for i in range(len(chunks)) if i % num_tasks == task_index
             and not (out_dir / f"shard-{i:06d}.json").exists()]
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-    init = (codec_kw, text_path, policy, threads)
+    init = (codec_kw, text_path, text_max_length, policy, threads)
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(chunks[i]) for i in todo), unit="clip", disable=not progress, desc="encode")
@@ -245,7 +371,8 @@ def run(captions: str, out: str, codec_kw: dict, text_path: str | None, policy: 
     if not _worker:  # with worker processes the models live there; the manifest header needs their identity
         _init_worker(*init)
     codec, text = _worker["codec"], _worker["text"]
-    header = {"codec": asdict(codec.info), "text_encoder": {"name": text.name, "width": text.width},
+    header = {"codec": asdict(codec.info),
+              "text_encoder": {"name": text.name, "width": text.width, "max_length": text.max_length},
               "patch_size": list(policy.patch_size), "policy": asdict(policy)}
     return finalize(out_dir, len(chunks), header)
 
@@ -261,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--codec-class", default=None, help="diffusers video VAE class, e.g. AutoencoderKLWan")
     p.add_argument("--codec-factors", default="1,4,4", help="pixel codec (t,h,w) space-to-depth factors")
     p.add_argument("--text-encoder", default=None, help="local HF text encoder dir (default: shipped MiniLM)")
+    p.add_argument("--text-max-length", type=int, default=None,
+                   help="tokens kept per caption; longer ones are cut, counted and reported (default: the "
+                        "tokenizer's limit, at most 512)")
     p.add_argument("--patch-size", default="1,2,2",
                    help="the model's (t,h,w) patch: frames and sizes are snapped to it")
     p.add_argument("--max-pixels", type=int, default=64 * 64,
@@ -269,6 +399,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-frames", type=int, default=2, help="clips with fewer frames are skipped as too short")
     p.add_argument("--target-fps", type=float, default=None, help="take frames at this rate (default: every frame)")
     p.add_argument("--span", action="store_true", help="subsample frames to span the whole clip")
+    p.add_argument("--clip-seconds", type=float, default=None,
+                   help="cut each video (each scene with --scenes) into clips of this many seconds; a captions "
+                        "line's own start/end (seconds) cuts it to that range")
+    p.add_argument("--scenes", action="store_true", help="cut each video at its shot changes, one clip per shot")
+    p.add_argument("--scene-threshold", type=float, default=10.0,
+                   help="shot-change score (FFmpeg scdet, 0-100) that starts a new shot")
     p.add_argument("--clips-per-shard", type=int, default=64,
                    help="clips per shard (a shard is a unit of work and of reading)")
     p.add_argument("--workers", type=int, default=1, help="encoder processes on this machine")
@@ -283,15 +419,17 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--task-index {a.task_index} must be in [0, {a.num_tasks})")
     ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     codec_kw = {"kind": a.codec, "path": a.codec_path, "factors": ints(a.codec_factors), "class_name": a.codec_class}
-    policy = EncodePolicy(ints(a.patch_size), a.max_pixels, a.max_frames, a.min_frames, a.target_fps, a.span)
+    policy = EncodePolicy(ints(a.patch_size), a.max_pixels, a.max_frames, a.min_frames, a.target_fps, a.span,
+                          a.clip_seconds, a.scenes, a.scene_threshold)
     try:
         manifest = run(a.captions, a.out, codec_kw, a.text_encoder, policy, a.clips_per_shard, a.workers,
-                       a.num_tasks, a.task_index, progress=not a.no_progress)
+                       a.num_tasks, a.task_index, progress=not a.no_progress, text_max_length=a.text_max_length)
     except OutputInUse as e:
         p.exit(2, f"sora-encode: {e}\n")
     if manifest:
         m = json.loads(manifest.read_text())
-        print(f"wrote {len(m['shards'])} shards, {m['samples']} samples, {m['failures']} failures -> {manifest}")
+        print(f"wrote {len(m['shards'])} shards, {m['samples']} samples, {m['failures']} failures "
+              f"({m['truncated_captions']} captions cut at {m['text_encoder']['max_length']} tokens) -> {manifest}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ DATA=data/quickstart RUN=${RUN:-runs/quickstart}
   --min-size 32 --max-size 96 --min-frames 8 --max-frames 48
 [ -f $DATA/val_raw/captions.jsonl ] || python -m data_tools.synthetic --out $DATA/val_raw --num-clips 32 --seed 1 \
   --min-size 32 --max-size 96 --min-frames 8 --max-frames 48
-encode() {  # captions dir, shards dir
-  python -m data_tools.encode --captions $DATA/$1/captions.jsonl --out $DATA/$2 --max-pixels 1600 --max-frames 8 \
+encode() {  # captions dir, shards dir; a finished encode (its manifest) is kept as it is
+  [ -f $DATA/$2/manifest.json ] || python -m data_tools.encode --captions $DATA/$1/captions.jsonl --out $DATA/$2 --max-pixels 1600 --max-frames 8 \
     --min-frames 8 --span --clips-per-shard 60 --workers 1 --no-progress
 }
 # The two splits encode side by side, one process each: 480 clips are ~10 s of work on 2 cores, and every

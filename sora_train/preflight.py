@@ -144,7 +144,8 @@ def check_data_sources(cfg, dp: int) -> dict | None:
     manifest = load_manifest(cfg.data.train)
     if manifest is not None:
         try:
-            check_manifest(manifest, cfg.model.in_channels, cfg.model.text_dim, tuple(cfg.model.patch_size))
+            check_manifest(manifest, cfg.model.in_channels, cfg.model.text_dim, tuple(cfg.model.patch_size),
+                           cfg.data.text_len)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     return manifest

@@ -19,8 +19,9 @@ def minilm_path() -> str:
 class HFTextEncoder:
     """Any Hugging Face text encoder from a local directory: BERT/MiniLM, T5 (encoder half), CLIP text."""
 
-    def __init__(self, path: str | None = None, max_length: int = 64, device="cpu", dtype=torch.float32,
+    def __init__(self, path: str | None = None, max_length: int | None = None, device="cpu", dtype=torch.float32,
                  name: str | None = None):
+        """max_length: tokens kept per caption (default: the tokenizer's limit, at most 512); longer ones are cut."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = path or minilm_path()
@@ -35,16 +36,30 @@ class HFTextEncoder:
             cls = AutoModel
         self.model = cls.from_pretrained(path, local_files_only=True).to(device, dtype).eval().requires_grad_(False)
         self.width = int(getattr(config, "d_model", None) or getattr(getattr(config, "text_config", config), "hidden_size"))
-        self.max_length, self.device = max_length, device
+        limit = getattr(self.tokenizer, "model_max_length", 512)
+        self.max_length, self.device = int(max_length or min(limit, 512)), device
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> list[np.ndarray]:
-        """Returns one float16 [L_i, width] array per caption (L_i = its real token count)."""
-        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        """Returns one float16 [L_i, width] array per caption (L_i = its real token count, at most max_length). An
+        empty caption is the unconditional one the trainer drops captions to and the sampler guides with: one
+        zero vector (not the states of two special tokens)."""
+        said = [i for i, c in enumerate(captions) if c.strip()]
+        out = [np.zeros((1, self.width), np.float16) for _ in captions]
+        if not said:
+            return out
+        tok = self.tokenizer([captions[i] for i in said], padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
         hidden = self.model(input_ids=tok.input_ids.to(self.device),
                             attention_mask=tok.attention_mask.to(self.device)).last_hidden_state
-        lengths = tok.attention_mask.sum(1).tolist()
-        return [hidden[i, :n].float().cpu().numpy().astype(np.float16) for i, n in enumerate(lengths)]
+        for j, (i, n) in enumerate(zip(said, tok.attention_mask.sum(1).tolist())):
+            out[i] = hidden[j, :n].float().cpu().numpy().astype(np.float16)
+        return out
+
+    def encode_with_counts(self, captions: list[str]) -> tuple[list[np.ndarray], list[int]]:
+        """encode() plus each caption's token count before cutting (> max_length: it was cut)."""
+        counts = [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]] if captions else []
+        return self.encode(captions), [n if c.strip() else 0 for n, c in zip(counts, captions)]
 
 
 def minilm_path_or_none() -> str | None:
@@ -54,7 +69,7 @@ def minilm_path_or_none() -> str | None:
         return None
 
 
-def text_encoder_named(name: str, device="cpu") -> HFTextEncoder:
+def text_encoder_named(name: str, device="cpu", max_length: int | None = None) -> HFTextEncoder:
     """The encoder a manifest names ("minilm", or "hf:<local dir>" as HFTextEncoder.name writes it): the one place
     sampling, evaluation, probing and training-time samples rebuild it from a dataset's identity."""
-    return HFTextEncoder(None if name == "minilm" else name.removeprefix("hf:"), device=device)
+    return HFTextEncoder(None if name == "minilm" else name.removeprefix("hf:"), max_length, device=device)

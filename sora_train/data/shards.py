@@ -59,9 +59,15 @@ class ManifestMismatch(ValueError):
     """The shards were encoded for a different model (channels, text width, patch)."""
 
 
-def check_manifest(manifest: dict, channels: int, text_dim: int, patch: tuple[int, int, int]) -> None:
-    """Refuses data that does not fit the model, before any step runs; names the key to fix."""
+def check_manifest(manifest: dict, channels: int, text_dim: int, patch: tuple[int, int, int],
+                   text_len: int | None = None) -> None:
+    """Refuses data that does not fit the model (or a row's text budget `text_len`), before any step runs; names the
+    key to fix."""
     problems = []
+    longest = manifest.get("max_text_tokens", 0)  # manifests from before the count: not checked
+    if text_len is not None and longest > text_len:
+        problems.append(f"captions: the longest has {longest} tokens, data.text_len={text_len} (the text tokens of "
+                        f"a packed row) would cut it; set data.text_len>={longest}")
     have_c = manifest["codec"]["latent_channels"]
     if have_c != channels:
         problems.append(f"latent channels: shards have {have_c} ({manifest['codec']['name']}), "

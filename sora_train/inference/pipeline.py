@@ -76,7 +76,11 @@ class Pipeline:
     def encoder(self):
         from ..codecs.text import text_encoder_named  # transformers: imported only when prompts are encoded
 
-        return text_encoder_named(self.text_encoder_name or self.manifest["text_encoder"]["name"], device=self.device)
+        if self.text_encoder_name:
+            return text_encoder_named(self.text_encoder_name, device=self.device)
+        # Prompts cut where the captions were (datasets from before the option: 64 tokens).
+        spec = self.manifest["text_encoder"]
+        return text_encoder_named(spec["name"], device=self.device, max_length=spec.get("max_length", 64))
 
     @cached_property
     def codec(self):
