@@ -23,7 +23,7 @@ from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNG
 from .engine.ema import EMA
 from .engine.metrics import MetricLogger, SampleIds, Throughput, describe_run
 from .engine.nonfinite import NonFiniteSteps
-from .engine.optim import learning_rates
+from .engine.optim import learning_rates, optimizer_step
 from .engine.preemption import StopRequested, exit_after_save
 from .engine.resume import prepare_resume
 from .engine.run_dir import RunDirInUse, RunLock
@@ -39,11 +39,6 @@ from .preflight import ConfigError, preflight
 
 warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)  # torch 2.14 on ZeRO-3 collectives
 register()
-
-
-def grads_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 class Trainer:
@@ -122,16 +117,9 @@ class Trainer:
                 "grad_norm": float(grad_norm or 0.0)}
 
     def engine_step(self, micro: int) -> float | None:
-        """DeepSpeed steps the optimizer only at the accumulation boundary; returns the global
-        gradient norm (before clipping) there."""
-        if micro < self.cfg.optim.grad_accum - 1:
-            self.engine.step()
-            return None
-        # Stage 0 in fp32 (DeepSpeed's plain optimizer step) clips but keeps no norm: take it before.
-        plain = self.cfg.parallel.zero_stage == 0 and self.dtype == torch.float32
-        norm = grads_norm(self.engine.module) if plain else None
-        self.engine.step()
-        return norm if plain else self.engine.get_global_grad_norm()
+        """The gradient norm before clipping at the accumulation boundary, else None."""
+        return optimizer_step(self.engine, micro == self.cfg.optim.grad_accum - 1,
+                              self.cfg.parallel.zero_stage == 0 and self.dtype == torch.float32)
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self, batches=None) -> list[float]:

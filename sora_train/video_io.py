@@ -33,7 +33,7 @@ class VideoInfo:
     @property
     def duration(self) -> float:
         """Seconds from the first frame to the end of the last."""
-        return self.frame_times[-1] + 1.0 / (self.fps or 1.0)
+        return round(self.frame_times[-1] + 1.0 / (self.fps or 1.0), 4)
 
     @property
     def display_size(self) -> tuple[int, int]:

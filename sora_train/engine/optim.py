@@ -51,3 +51,16 @@ def learning_rates(groups: list[dict]) -> dict[str, float]:
     muon = [g["lr"] for g in groups if g.get("use_muon")]
     adam = [g["lr"] for g in groups if not g.get("use_muon")]
     return {"lr": (adam or muon)[0], **({"lr_muon": muon[0]} if muon and adam else {})}
+
+
+def optimizer_step(engine, last_micro: bool, plain_norm: bool) -> float | None:
+    """engine.step() after every micro-batch (DeepSpeed counts them and steps the optimizer only at the accumulation
+    boundary); there, returns the global gradient norm before clipping. plain_norm: stage 0 in fp32 (DeepSpeed's
+    plain optimizer step) clips but keeps no norm, so it is taken before the step."""
+    if not last_micro:
+        engine.step()
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None] if plain_norm else []
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()
+    return norm if plain_norm else engine.get_global_grad_norm()
