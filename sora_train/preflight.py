@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .data import check_manifest, list_shards, load_manifest
+from .data.mixture import sources_of
 from .data.stream import check_readers
 from .engine.checkpoint import dir_bytes, half_written
 from .diffusion import OBJECTIVES, check_sampler
@@ -128,24 +129,36 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
 def check_data_sources(cfg, dp: int) -> dict | None:
     """The training/validation shards exist, are enough for every reader of `dp` ranks, and were encoded for this
     model; returns the manifest."""
-    if OmegaConf.is_missing(cfg.data, "train"):
-        raise ConfigError("data.train is not set: give the training shards (a directory, a brace pattern or pipe: "
-                          "commands), e.g. data.train=/data/shards")
+    mixed = bool(cfg.data.sources)
+    if mixed == (not OmegaConf.is_missing(cfg.data, "train")):
+        raise ConfigError("set data.train (the training shards: a directory, a brace pattern or pipe: commands, e.g. "
+                          "data.train=/data/shards) or data.sources (a weighted mixture), not both"
+                          if mixed else "data.train is not set: give the training shards (a directory, a brace "
+                          "pattern or pipe: commands), e.g. data.train=/data/shards, or data.sources (a mixture)")
+    sources = {f"data.sources.{n}": s.train for n, s in cfg.data.sources.items()} if mixed else \
+        {"data.train": cfg.data.train}
     try:
-        shards = list_shards(cfg.data.train)
         if cfg.data.val:
             list_shards(cfg.data.val)
     except FileNotFoundError as e:
-        raise ConfigError(f"data.train / data.val: {e}") from e
-    try:
-        check_readers(len(shards), dp, cfg.data.num_workers)
-    except ValueError as e:
-        raise ConfigError(f"data.train: {e}") from e
-    manifest = load_manifest(cfg.data.train)
-    if manifest is not None:
+        raise ConfigError(f"data.val: {e}") from e
+    manifest = None
+    for key, train in sources.items():
         try:
-            check_manifest(manifest, cfg.model.in_channels, cfg.model.text_dim, tuple(cfg.model.patch_size),
-                           cfg.data.text_len)
+            check_readers(len(list_shards(train)), dp, cfg.data.num_workers)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from e
+        found = load_manifest(train)
+        if found is not None:
+            try:
+                check_manifest(found, cfg.model.in_channels, cfg.model.text_dim, tuple(cfg.model.patch_size),
+                               cfg.data.text_len)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}" if mixed else str(e)) from e
+        manifest = manifest or found  # the first names the text encoder and codec samples are made with
+    if mixed:
+        try:
+            sources_of(cfg.data.sources)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     return manifest

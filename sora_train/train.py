@@ -17,6 +17,7 @@ import torch.distributed as dist
 from . import CONF_DIR
 from .config import model_args, register, to_container
 from .data import DataQualityError, PackedLoader, StreamSpec
+from .data.mixture import sources_of
 from .data.stream import NoUsableSamples
 from .diffusion import build_objective, packed_loss, per_token, step_generator
 from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
@@ -188,13 +189,15 @@ def build(cfg, loader=None) -> Trainer:
     ckpt.parts = {"engine": EngineState(engine, dims.world_size), **({"ema": ema} if ema else {}),
                   "rng": RNGState(dims.rank, dims.world_size)}
     if loader is None:
+        what = "data.sources" if cfg.data.sources else f"data.train={cfg.data.train!r}"
         try:  # no shards there: a config error, not a traceback
-            loader = PackedLoader(cfg.data.train, StreamSpec.of(cfg.data, cfg.model), dims.dp_rank, dims.dp,
+            train = sources_of(cfg.data.sources) if cfg.data.sources else cfg.data.train
+            loader = PackedLoader(train, StreamSpec.of(cfg.data, cfg.model), dims.dp_rank, dims.dp,
                                   cfg.data.num_workers, None, cfg.data.max_bad_fraction,
                                   cfg.data.min_reads_for_check, pin_memory=device.type == "cuda")
         except ValueError as e:
-            raise ConfigError(f"data.train={cfg.data.train!r}: {e}") from e
-        ckpt.parts["data_position"] = DataPosition(loader, dims.sp_rank, dims.world_size, f"data.train={cfg.data.train!r}")
+            raise ConfigError(f"{what}: {e}") from e
+        ckpt.parts["data_position"] = DataPosition(loader, dims.sp_rank, dims.world_size, what)
     if src is not None:
         meta = ckpt.load(src)
         if dims.is_main:

@@ -3,15 +3,29 @@ take theirs from here)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (`data.sources.<name>`, data/mixture.py)."""
+
+    train: str = MISSING  # its shards (a directory or brace pattern with a manifest.json beside them)
+    weight: float = 1.0  # its share of the trained tokens, relative to the others' (0: kept, not read)
+    max_tokens: Optional[int] = None  # per sample: longer ones are cropped in time (data.oversize)
+    max_frames: Optional[int] = None  # per sample: latent frames kept from the start
+    caption_dropout: Optional[float] = None  # default: data.caption_dropout
+
+
+@dataclass
 class DataConfig:
-    train: str = MISSING  # shard source: directory, brace pattern, or pipe: command(s)
+    train: str = MISSING  # shard source: directory, brace pattern, or pipe: command(s); or data.sources
+    # A weighted mixture instead of data.train: name -> SourceConfig fields (checked by data.mixture.sources_of;
+    # typed loosely so that `+data.sources.images={train: ..., weight: 0.3}` composes from the command line).
+    sources: Dict[str, Any] = field(default_factory=dict)
     val: Optional[str] = None
     seq_len: int = 2048  # tokens per packed row
     text_len: int = 256  # text tokens per packed row (all of its samples' captions)

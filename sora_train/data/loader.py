@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from .config import DataConfig
 from .packing import PackedBatch
+from .mixture import MixturePosition, Source
 from .position import StreamPosition
 from .shards import fingerprint, list_shards, load_manifest
 from .stream import PackedStream, StreamSpec, check_readers
@@ -29,10 +30,13 @@ class DataStats:
     skipped: int = 0
     by_shard: Counter = field(default_factory=Counter)
     recent: list = field(default_factory=list)  # last few (url, key, reason)
+    tokens_by_source: Counter = field(default_factory=Counter)  # a mixture's: trained tokens per source
 
     def as_metrics(self) -> dict:
+        total = sum(self.tokens_by_source.values())
         return {"data/skipped": self.skipped, "data/reads": self.reads,
-                "data/bad_fraction": self.skipped / max(self.reads, 1)}
+                "data/bad_fraction": self.skipped / max(self.reads, 1),
+                **{f"data/token_share/{n}": v / total for n, v in sorted(self.tokens_by_source.items())}}
 
 
 class PackedLoader:
@@ -40,13 +44,21 @@ class PackedLoader:
                  position: dict | None = None, max_bad_fraction: float = DataConfig.max_bad_fraction,
                  min_reads_for_check: int = DataConfig.min_reads_for_check, prefetch_factor: int = 2,
                  pin_memory: bool = False):
-        self.urls = list_shards(sources)
+        """sources: shard source(s) (a directory, brace pattern, pipe: commands), or a mixture's list of
+        mixture.Source (data.sources)."""
+        mixed = isinstance(sources, (list, tuple)) and bool(sources) and isinstance(sources[0], Source)
+        self.mixture = list(sources) if mixed else None
+        self.urls = [] if mixed else list_shards(sources)
         self.spec, self.dp_rank, self.dp_size = spec, dp_rank, dp_size
         self.workers = max(num_workers, 1)
         if spec.epochs is None:  # a finite pass (validation) may leave a reader without a shard: it yields nothing
-            check_readers(len(self.urls), dp_size, num_workers)
+            for name, n in ([(s.name, len(s.urls)) for s in self.mixture] if mixed else [(None, len(self.urls))]):
+                try:
+                    check_readers(n, dp_size, num_workers)
+                except ValueError as e:
+                    raise ValueError(f"source {name!r}: {e}" if name else str(e)) from None
         self.max_bad_fraction, self.min_reads = max_bad_fraction, min_reads_for_check
-        self.dataset_id = fingerprint(self.urls, load_manifest(sources))
+        self.dataset_id = None if mixed else fingerprint(self.urls, load_manifest(sources))
         self.pin_memory, self.prefetch_factor, self.num_workers = pin_memory, prefetch_factor, num_workers
         self.stats = DataStats()
         self.load_state_dict(position)
@@ -54,9 +66,14 @@ class PackedLoader:
     def load_state_dict(self, position: dict | None) -> None:
         """Start (again) at a saved position: before iterating. The position must be this dataset's, under this seed."""
         spec = self.spec
-        if position is None:
+        if self.mixture is not None:
+            self.position = self._mixture_position(position)
+        elif position is None:
             self.position = StreamPosition(spec.seed, self.dataset_id)
         else:
+            if "mixture" in position:
+                raise ValueError("the checkpoint's data position is a mixture's (data.sources); this run reads one "
+                                 "source (data.train): resume with the checkpoint's data.sources")
             self.position = StreamPosition.from_state_dict(position)
             # Positions saved before datasets were identified by content carry the names-only fingerprint.
             if self.position.dataset not in (self.dataset_id, fingerprint(self.urls)):
@@ -66,12 +83,20 @@ class PackedLoader:
             if self.position.seed != spec.seed:
                 raise ValueError(f"data.seed changed ({self.position.seed} -> {spec.seed}); the saved position "
                                  "is only meaningful under the seed it was saved with")
-        self.start = StreamPosition.from_state_dict(self.position.state_dict())  # common to all ranks
-        stream = PackedStream(self.urls, spec, self.dp_rank, self.dp_size, self.position)
+        self.start = type(self.position).from_state_dict(self.position.state_dict())  # common to all ranks
+        stream = PackedStream(self.urls, spec, self.dp_rank, self.dp_size, self.position, self.mixture)
         self.dataloader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                      prefetch_factor=self.prefetch_factor if self.num_workers else None,
                                      persistent_workers=False)
         self.position.layout = (self.dp_size, self.workers)
+
+    def _mixture_position(self, position: dict | None) -> MixturePosition:
+        if position is None:
+            return MixturePosition.fresh(self.mixture, self.spec.seed)
+        if "mixture" not in position:
+            raise ValueError("the checkpoint's data position is one source's (data.train); this run reads a mixture "
+                             "(data.sources): resume with the checkpoint's data.train, or start a new out_dir")
+        return MixturePosition.from_state_dict(position).resumed_with(self.mixture, self.spec.seed)
 
     def __iter__(self):
         for batch in self.dataloader:
@@ -81,8 +106,12 @@ class PackedLoader:
 
     def record(self, b: PackedBatch) -> None:
         self.position.consume(b.consumed)
-        for epoch, shard, total in b.ended:
-            self.position.shard_ended(epoch, shard, total)
+        for ended in b.ended:
+            self.position.shard_ended(*ended)
+        if self.mixture is not None:  # tokens per source: the packed samples come first in `consumed`, row by row
+            sizes = [int(b.grids[r, j].prod()) for r, row in enumerate(b.keys) for j in range(len(row))]
+            for sid, n in zip(b.consumed, sizes):
+                self.stats.tokens_by_source[self.mixture[sid[0]].name] += n
         self.position.rotation[self.dp_rank] = (b.worker + 1) % self.workers
         self.stats.reads += b.reads
         self.stats.skipped += len(b.skipped)

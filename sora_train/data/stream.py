@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .decode import BadSample, decode_clip
+from .mixture import sample_tokens
 from .packing import Item, PackedBatch, Packer
 from .patchify import patchify
 from .position import StreamPosition
@@ -74,9 +76,13 @@ def check_readers(n_shards: int, dp_size: int, workers: int) -> None:
 
 
 class PackedStream(IterableDataset):
-    def __init__(self, urls: list[str], spec: StreamSpec, dp_rank: int, dp_size: int, position: StreamPosition):
-        self.urls, self.spec, self.dp_rank, self.dp_size = urls, spec, dp_rank, dp_size
-        self.position = StreamPosition.from_state_dict(position.state_dict())  # private copy: the consumer updates its own
+    """One source (`urls`, a StreamPosition), or a mixture (`sources`, a MixturePosition: mixture.py) whose sample
+    ids carry the source's index first."""
+
+    def __init__(self, urls: list[str], spec: StreamSpec, dp_rank: int, dp_size: int, position,
+                 sources: list | None = None):
+        self.urls, self.spec, self.dp_rank, self.dp_size, self.sources = urls, spec, dp_rank, dp_size, sources
+        self.position = type(position).from_state_dict(position.state_dict())  # private copy: the consumer updates its own
 
     def __iter__(self):
         info = get_worker_info()
@@ -87,7 +93,7 @@ class PackedStream(IterableDataset):
         yield from self.batches(self.dp_rank * workers + logical, self.dp_size * workers, logical)
 
     def batches(self, slot: int, num_slots: int, worker: int):
-        spec, pos, n_shards = self.spec, self.position, len(self.urls)
+        spec = self.spec
         packer = Packer(spec.seq_len, spec.text_len, spec.rows, spec.max_per_row, spec.lookahead,
                         spec.channels * int(np.prod(spec.patch)), spec.text_dim)
         pending = {"consumed": [], "ended": [], "skipped": [], "reads": 0}
@@ -104,57 +110,108 @@ class PackedStream(IterableDataset):
             pending.update(consumed=[], ended=[], skipped=[], reads=0)
             return b
 
-        epoch = 0
-        while len(pos.done.get(epoch, ())) >= n_shards:
-            epoch += 1
-        while spec.epochs is None or epoch < spec.epochs:
-            reads, usable, last_reason = 0, 0, None
-            for j, shard in enumerate(permutation(n_shards, spec.seed, epoch)):
-                shard = int(shard)
-                if j % num_slots != slot or pos.shard_done(epoch, shard):
-                    continue
-                url, seen = self.urls[shard], pos.consumed_in(epoch, shard)
-                raws = read_shard(url, skip)
-                for idx, r in enumerate(permutation(len(raws), spec.seed, epoch, shard)):
-                    if idx in seen:
-                        continue
-                    pending["reads"] += 1
-                    reads += 1
-                    sid, raw = (epoch, shard, idx), raws[int(r)]
-                    try:
-                        item = self.make_item(sid, raw)
-                    except BadSample as e:
-                        skip(url, raw.get("__key__", "?"), str(e), sid)
-                        last_reason = f"{raw.get('__key__', '?')} in {url}: {e}"
-                        continue
-                    usable += 1
-                    for b in packer.add(item):
-                        yield attach(b)
-                pending["ended"].append((epoch, shard, len(raws)))
-            if reads and not usable:  # endless epochs of nothing: fail now, with the reason, instead of spinning
-                raise NoUsableSamples(f"none of the {reads} samples of epoch {epoch} in this reader's shards could be "
-                                      f"trained on (data-parallel rank {self.dp_rank}); the last: {last_reason}. "
-                                      f"Check data.seq_len / data.oversize against the samples' sizes (sora-inspect)")
-            epoch += 1
+        if self.sources is None:
+            items = (item for _, item in self.source_items(None, slot, num_slots, skip, pending))
+        else:  # the smallest token clock first (mixture.py); ties: the source listed first
+            items = (item for _, _, item in heapq.merge(
+                *[((clock, i, item) for clock, item in self.source_items(i, slot, num_slots, skip, pending))
+                  for i, src in enumerate(self.sources) if src.weight > 0], key=lambda e: e[:2]))
+        for item in items:
+            for b in packer.add(item):
+                yield attach(b)
         for b in packer.flush():
             yield attach(b)
         if any(pending[k] for k in ("consumed", "ended", "skipped")):  # bookkeeping with no rows left to carry it
             yield attach(packer._empty())
 
-    def make_item(self, sid, raw: dict) -> Item:
+    def source_items(self, src: int | None, slot: int, num_slots: int, skip, pending):
+        """(clock, item) for the samples of one source in this reader's order, from its position on; src None:
+        the one source of a plain stream (no clock)."""
+        spec = self.spec
+        source = None if src is None else self.sources[src]
+        urls, pos = (self.urls, self.position) if source is None else (source.urls, self.position.of(src))
+        key = () if source is None else (source.seed_key,)  # a mixture's sources: permutations of their own
+        tag = (lambda *t: t) if source is None else (lambda *t: (src, *t))  # noqa: E731
+        n_shards = len(urls)
+        epoch = 0
+        while len(pos.done.get(epoch, ())) >= n_shards:
+            epoch += 1
+        clock = 0.0 if source is None else self.clock_at(source, epoch, slot, num_slots, key)
+        base = 0.0 if source is None else self.position.base.get(source.name, 0.0) / num_slots
+        while spec.epochs is None or epoch < spec.epochs:
+            reads, usable, last_reason = 0, 0, None
+            for j, shard in enumerate(permutation(n_shards, spec.seed, *key, epoch)):
+                shard = int(shard)
+                if j % num_slots != slot:
+                    continue
+                shard_start = clock
+                clock += 0.0 if source is None else source.shard_tokens[shard]
+                if pos.shard_done(epoch, shard):
+                    continue
+                url, seen = urls[shard], pos.consumed_in(epoch, shard)
+                raws = read_shard(url, skip)
+                order = [int(r) for r in permutation(len(raws), spec.seed, *key, epoch, shard)]
+                within = self.clocks_within(source, shard, [raws[r] for r in order]) if source else None
+                for idx, r in enumerate(order):
+                    if idx in seen:
+                        continue
+                    pending["reads"] += 1
+                    reads += 1
+                    sid, raw = tag(epoch, shard, idx), raws[r]
+                    try:
+                        item = self.make_item(sid, raw, source)
+                    except BadSample as e:
+                        skip(url, raw.get("__key__", "?"), str(e), sid)
+                        last_reason = f"{raw.get('__key__', '?')} in {url}: {e}"
+                        continue
+                    usable += 1
+                    yield (0.0 if source is None else (shard_start + within[idx] - base) / source.weight), item
+                pending["ended"].append(tag(epoch, shard, len(raws)))
+            if reads and not usable:  # endless epochs of nothing: fail now, with the reason, instead of spinning
+                where = "" if source is None else f" of source {source.name!r}"
+                raise NoUsableSamples(f"none of the {reads} samples of epoch {epoch}{where} in this reader's shards "
+                                      f"could be trained on (data-parallel rank {self.dp_rank}); the last: "
+                                      f"{last_reason}. Check data.seq_len / data.oversize against the samples' "
+                                      f"sizes (sora-inspect)")
+            epoch += 1
+
+    def clock_at(self, source, epoch: int, slot: int, num_slots: int, key) -> float:
+        """The clock (in tokens) at the start of `epoch`: this slot's shards of every earlier epoch."""
+        n = len(source.urls)
+        return float(sum(source.shard_tokens[int(s)] for e in range(epoch)
+                         for j, s in enumerate(permutation(n, self.spec.seed, *key, e)) if j % num_slots == slot))
+
+    def clocks_within(self, source, shard: int, raws: list[dict]) -> list[float]:
+        """Each sample's offset in its shard's share of the clock: the tokens before it, scaled so the shard spans
+        its manifest token count (clocks stay increasing from shard to shard)."""
+        limit = min(self.spec.seq_len, source.max_tokens or self.spec.seq_len)
+        total, n = source.shard_tokens[shard], max(len(raws), 1)
+        sizes = [sample_tokens(r, self.spec.patch, limit, total / n) for r in raws]
+        scale, out, at = total / max(sum(sizes), 1e-9), [], 0.0
+        for size in sizes:
+            out.append(at * scale)
+            at += size
+        return out
+
+    def make_item(self, sid, raw: dict, source=None) -> Item:
+        """source: a mixture's source, with its own caps and caption dropout."""
         spec = self.spec
         clip = decode_clip(raw, spec.channels, spec.text_dim, spec.patch)
         latent = torch.from_numpy(clip.latent)
+        if source is not None and source.max_frames and latent.shape[1] > source.max_frames:
+            latent = latent[:, : max(source.max_frames // spec.patch[0], 1) * spec.patch[0]]
         tokens, positions = patchify(latent, spec.patch)
         grid = tuple(s // p for s, p in zip(latent.shape[1:], spec.patch))
-        if tokens.shape[0] > spec.seq_len:
+        limit = min(spec.seq_len, (source.max_tokens if source is not None else None) or spec.seq_len)
+        if tokens.shape[0] > limit:
             per_t = grid[1] * grid[2]
-            keep = spec.seq_len // per_t
+            keep = limit // per_t
             if spec.oversize != "crop_time" or keep == 0:
-                raise BadSample(f"{tokens.shape[0]} tokens exceed the budget of {spec.seq_len} (oversize={spec.oversize})")
+                raise BadSample(f"{tokens.shape[0]} tokens exceed the budget of {limit} (oversize={spec.oversize})")
             tokens, positions, grid = tokens[: keep * per_t], positions[: keep * per_t], (keep, grid[1], grid[2])
         text, caption = torch.from_numpy(clip.text[: spec.text_len]), clip.caption
-        drop = np.random.default_rng([spec.seed, *sid, 1]).random() < spec.caption_dropout
+        dropout = spec.caption_dropout if source is None or source.caption_dropout is None else source.caption_dropout
+        drop = np.random.default_rng([spec.seed, *sid, 1]).random() < dropout
         if drop:  # the unconditional "caption": one zero vector, also what the sampler feeds for CFG
             text, caption = torch.zeros(1, spec.text_dim), ""
         return Item(sid, clip.key, tokens, positions, grid, text, caption)

@@ -154,12 +154,12 @@ class DataPosition:
         self.loader, self.sp_rank, self.world, self.source = loader, sp_rank, world, source
 
     def state_dict(self) -> dict:
-        from ..data import StreamPosition
+        from ..data.mixture import position_from_state_dict
 
         views = [None] * self.world
         dist.all_gather_object(views, self.loader.state_dict() if self.sp_rank == 0 else None)
-        return StreamPosition.merge([StreamPosition.from_state_dict(v) for v in views if v is not None],
-                                    base=self.loader.start).state_dict()
+        views = [position_from_state_dict(v) for v in views if v is not None]
+        return type(views[0]).merge(views, base=self.loader.start).state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         from ..preflight import ConfigError
