@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from sora_train.synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES  # noqa: F401 (re-exported)
 from sora_train.video_io import write_mp4
@@ -39,6 +40,10 @@ class ClipSpec:
     def caption(self) -> str:
         verb = "beating" if self.motion == "beating" else f"moving {self.motion}"
         return f"a {self.colour} {self.shape} {verb} on a {self.background} background"
+
+    @property
+    def still_caption(self) -> str:
+        return f"a {self.colour} {self.shape} on a {self.background} background"
 
 
 def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -101,18 +106,24 @@ def random_spec(rng: random.Random, min_size=32, max_size=128, min_frames=4, max
                     size=rng.uniform(*radius), start=start, travel=travel)
 
 
-def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool = False, **ranges) -> Path:
-    """Writes out_dir/videos/*.mp4 and out_dir/captions.jsonl; returns the captions path."""
+def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool = False, stills: bool = False,
+             **ranges) -> Path:
+    """Writes out_dir/videos/*.mp4 (stills: out_dir/images/*.png, each a clip's middle frame, captioned without
+    the motion: images train as one-frame clips) and out_dir/captions.jsonl; returns the captions path."""
     out = Path(out_dir)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / ("images" if stills else "videos")).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     captions = out / "captions.jsonl"
     with open(captions, "w") as f:
         for i in range(num_clips):
             spec = random_spec(rng, heldout=heldout, **ranges)
-            rel = f"videos/clip_{i:06d}.mp4"
-            write_mp4(out / rel, render(spec), spec.fps)
-            f.write(json.dumps({"path": rel, "caption": spec.caption, "attributes": asdict(spec)}) + "\n")
+            if stills:
+                rel, caption = f"images/still_{i:06d}.png", spec.still_caption
+                Image.fromarray(render(spec)[spec.frames // 2]).save(out / rel)
+            else:
+                rel, caption = f"videos/clip_{i:06d}.mp4", spec.caption
+                write_mp4(out / rel, render(spec), spec.fps)
+            f.write(json.dumps({"path": rel, "caption": caption, "attributes": asdict(spec)}) + "\n")
     return captions
 
 
@@ -131,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--radius", type=float, nargs=2, default=(0.16, 0.24), metavar=("MIN", "MAX"),
                    help="shape radius range, as a fraction of the frame's shorter side")
     p.add_argument("--heldout", action="store_true", help="generate only the held-out (colour, shape) pairs")
+    p.add_argument("--stills", action="store_true", help="write still images (png, a clip's middle frame) instead")
     a = p.parse_args(argv)
-    path = generate(a.out, a.num_clips, a.seed, a.heldout, min_size=a.min_size, max_size=a.max_size,
+    path = generate(a.out, a.num_clips, a.seed, a.heldout, a.stills, min_size=a.min_size, max_size=a.max_size,
                     min_frames=a.min_frames, max_frames=a.max_frames, max_aspect=a.max_aspect, travel=a.travel,
                     radius=tuple(a.radius))
     print(f"wrote {a.num_clips} clips and {path}")

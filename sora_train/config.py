@@ -77,6 +77,14 @@ class LoggingConfig:
 
 
 @dataclass
+class InitConfig:
+    """A new stage from another run (engine/init_from.py): its model and EMA weights, not its step or data."""
+
+    path: Optional[str] = None  # a run's checkpoints dir (its latest), a step dir, or an export dir
+    optimizer: bool = False  # also its optimizer state (a checkpoint saved on as many ranks, same optimizer)
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 0
@@ -90,6 +98,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init_from: InitConfig = field(default_factory=InitConfig)
 
 
 @dataclass

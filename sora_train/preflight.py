@@ -130,7 +130,7 @@ def check_data_sources(cfg, dp: int) -> dict | None:
     """The training/validation shards exist, are enough for every reader of `dp` ranks, and were encoded for this
     model; returns the manifest."""
     mixed = bool(cfg.data.sources)
-    if mixed == (not OmegaConf.is_missing(cfg.data, "train")):
+    if mixed == bool(cfg.data.train):
         raise ConfigError("set data.train (the training shards: a directory, a brace pattern or pipe: commands, e.g. "
                           "data.train=/data/shards) or data.sources (a weighted mixture), not both"
                           if mixed else "data.train is not set: give the training shards (a directory, a brace "

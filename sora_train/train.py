@@ -23,12 +23,14 @@ from .diffusion import build_objective, packed_loss, per_token, step_generator
 from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
 from .engine.ema import EMA
 from .engine.metrics import MetricLogger, SampleIds, Throughput, describe_run
+from .engine.init_from import Parent, check_architecture, load_weights, start_stage
 from .engine.nonfinite import NonFiniteSteps
 from .engine.optim import learning_rates, optimizer_step
 from .engine.preemption import StopRequested, exit_after_save
 from .engine.resume import prepare_resume
 from .engine.run_dir import RunDirInUse, RunLock
 from .engine.samples import TrainingSamples
+from .engine.source_losses import SourceLosses
 from .engine.validate import Validator
 from .inference import Pipeline
 from .models import DiT
@@ -53,6 +55,8 @@ class Trainer:
         self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size)
         self.nonfinite = NonFiniteSteps(cfg.optim.max_bad_steps, ckpt, logger)
         self.stop = StopRequested()
+        self.source_losses = SourceLosses([s.name for s in loader.mixture] if getattr(loader, "mixture", None)
+                                          else None, device)
         self.sample_ids = SampleIds(cfg.out_dir, dims.dp_rank, cfg.logging.sample_ids and dims.sp_rank == 0)
         self.lock = None  # the out_dir's RunLock (rank 0), held for the trainer's life
         self.losses: list[float] = []
@@ -74,18 +78,21 @@ class Trainer:
         t = self.objective.sample_t(batch.grids.prod(-1), gen)  # [R,M]
         noise = torch.randn(batch.tokens.shape, generator=gen)
         x_t, target = self.objective.corrupt(batch.tokens, noise, per_token(t, batch.seg))
-        loss = self.loss(x_t, t, target, batch)
+        loss, errors = self.loss(x_t, t, target, batch)
         finite = all_reduce_values(torch.isfinite(loss.detach()), self.device, "min")[0]  # every rank: one branch
-        if not finite:
+        if finite:
+            self.source_losses.add(errors, shard_sequence(batch.seg, d.sp_rank, d.sp).to(self.device), batch)
+        else:
             # Drop this micro-batch but keep every rank's collectives in lockstep: backward a zero
             # multiple of the loss on sanitised inputs (finite weights -> exactly zero gradients).
             clean = lambda v: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731
-            loss = self.loss(clean(x_t), t, clean(target), batch, clean(batch.text)) * 0.0
+            loss = self.loss(clean(x_t), t, clean(target), batch, clean(batch.text))[0] * 0.0
         self.engine.backward(loss)
         return loss.detach(), bool(finite)
 
-    def loss(self, x_t, t, target, batch, text=None) -> torch.Tensor:
-        """This SP rank's part of the micro-batch's loss (the parts sum to the full rows' mean)."""
+    def loss(self, x_t, t, target, batch, text=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This SP rank's part of the micro-batch's loss (the parts sum to the full rows' mean), and its tokens'
+        errors."""
         shard = lambda x: shard_sequence(x, self.dims.sp_rank, self.dims.sp).to(self.device)  # noqa: E731
         seg, x_local = shard(batch.seg), shard(x_t)
         text = batch.text if text is None else text
@@ -137,7 +144,7 @@ class Trainer:
             if self.logger.should_log(self.step, total):
                 eta = (time.time() - t_start) / (self.step - start) * (total - self.step) / 60
                 self.logger.log(self.step, {**metrics, **self.meter.summary(), **self.loader.stats.as_metrics(),
-                                            "eta_min": eta})
+                                            **self.source_losses.summary(), "eta_min": eta})
                 self.meter.reset()
             if self.validator.should_validate(self.step, total):
                 self.logger.log(self.step, self.validator.validate())
@@ -170,6 +177,8 @@ def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (the bench feeds synthetic rows); its
     position is then not checkpointed."""
     manifest = preflight(cfg, check_data=loader is None)  # refuses bad config before any process group or data work
+    parent = Parent.find(cfg.init_from.path) if cfg.init_from.path else None  # a stage: from another run's weights
+    changed = check_architecture(cfg, parent) if parent else []
     # One run per out_dir. The rank from the launcher's variables (torchrun or srun): no process group exists yet.
     lock = RunLock(cfg.out_dir).acquire() if dist_env.detect().rank == 0 else None
     dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
@@ -180,12 +189,17 @@ def build(cfg, loader=None) -> Trainer:
                              dims.rank, dims.world_size, cfg.checkpoint.every,
                              description={"config": to_container(cfg), "manifest": header})
     src, resharding = prepare_resume(cfg, ckpt, dims)
+    parent = parent if src is None else None  # a stage resumes from its own checkpoints
+    ckpt.description["lineage"] = parent.lineage if parent else (ckpt.read_meta(src).get("lineage", []) if src else [])
     args = model_args(cfg.model)
     engine = parallelize(lambda: DiT(args), cfg.parallel, cfg.optim, cfg.data.rows, dims, device,
-                         load_universal=resharding)
+                         load_universal=resharding,
+                         init_weights=(lambda module: load_weights(module, parent, dims.rank)) if parent else None)
     if dims.is_main:
         print(describe_run(cfg, engine, dims, device), flush=True)
     ema = EMA(engine.module, cfg.ema.decay, dims.rank, dims.world_size) if cfg.ema.enabled else None
+    if parent:
+        start_stage(cfg, parent, engine, ema, changed, dims)
     ckpt.parts = {"engine": EngineState(engine, dims.world_size), **({"ema": ema} if ema else {}),
                   "rng": RNGState(dims.rank, dims.world_size)}
     if loader is None:
@@ -203,7 +217,8 @@ def build(cfg, loader=None) -> Trainer:
         if dims.is_main:
             print(f"resumed from {src} at step {meta['step']} (saved on {meta['world_size']} ranks, now "
                   f"{dims.world_size})", flush=True)
-    logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb, to_container(cfg), ckpt.train_state.wandb_id,
+    logger = MetricLogger(cfg.out_dir, dims.is_main, cfg.logging.wandb,  # W&B: the parent runs in its config
+                          {**to_container(cfg), "lineage": ckpt.description["lineage"]}, ckpt.train_state.wandb_id,
                           cfg.logging.every)
     ckpt.train_state.wandb_id = logger.run_id
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32

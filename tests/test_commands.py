@@ -37,7 +37,8 @@ def fake_shards(root, channels: int, text_dim: int, count: int):
         (d / f"shard-{i:06d}.tar").write_bytes(b"")
     (d / "manifest.json").write_text(json.dumps({
         "codec": {"name": "video_vae", "latent_channels": channels}, "patch_size": [1, 2, 2],
-        "text_encoder": {"name": "t5", "width": text_dim}, "shards": []}))
+        "text_encoder": {"name": "t5", "width": text_dim},
+        "shards": [{"shard": f"shard-{i:06d}.tar", "samples": 1, "tokens": 1} for i in range(count)]}))
     return d
 
 
@@ -69,7 +70,8 @@ def test_each_training_command_composes_passes_preflight_and_runs_what_it_names(
     probe = compose(command.overrides)
     data = fake_shards(tmp_path, probe.model.in_channels, probe.model.text_dim, command.world * 8)
     overrides = [o for o in command.overrides if not o.startswith(("data.train=", "data.val="))]
-    cfg = compose([*overrides, f"data.train={data}", f"out_dir={tmp_path / 'run'}"])
+    shards = [f"data.sources.{n}.train={data}" for n in probe.data.sources] or [f"data.train={data}"]  # a mixture's
+    cfg = compose([*overrides, *shards, f"out_dir={tmp_path / 'run'}"])
     preflight(cfg)
     for key, value in named.items():
         if "." in key and not key.startswith(("data.train", "data.val")):

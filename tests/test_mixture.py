@@ -157,4 +157,6 @@ def test_the_trainer_resumes_a_mixture_exactly(dataset, tmp_path):
     assert [parts[s] for s in (5, 6)] == [straight[s] for s in (5, 6)]
     rows = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
     shares = [r for r in rows if "data/token_share/a" in r][-1]
+    for name in ("a", "b"):  # each source's loss (in the steps that drew it), beside its share of the tokens
+        assert [r[f"loss/{name}"] > 0 for r in rows if f"loss/{name}" in r].count(True) >= 2
     assert 0.5 < shares["data/token_share/a"] < 0.9 and shares["data/token_share/a"] + shares["data/token_share/b"] == pytest.approx(1)

@@ -454,7 +454,8 @@ def test_training_time_samples_build_the_text_encoder_and_codec_once(monkeypatch
             return [np.ones((3, args.text_dim), np.float32) for _ in prompts]
 
     built, real_codec = [], pipeline.codec_from_manifest_name
-    monkeypatch.setattr(text, "text_encoder_named", lambda name, device="cpu": built.append(name) or Encoder())
+    monkeypatch.setattr(text, "text_encoder_named",
+                        lambda name, device="cpu", max_length=None: built.append(name) or Encoder())
     monkeypatch.setattr(pipeline, "codec_from_manifest_name",
                         lambda name, device="cpu": built.append(name) or real_codec(name, device))
     manifest = {"text_encoder": {"name": "minilm"}, "codec": {"name": "pixel-1x4x4"}}

@@ -22,7 +22,7 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    train: str = MISSING  # shard source: directory, brace pattern, or pipe: command(s); or data.sources
+    train: Optional[str] = None  # shard source: directory, brace pattern, or pipe: command(s); or data.sources
     # A weighted mixture instead of data.train: name -> SourceConfig fields (checked by data.mixture.sources_of;
     # typed loosely so that `+data.sources.images={train: ..., weight: 0.3}` composes from the command line).
     sources: Dict[str, Any] = field(default_factory=dict)

@@ -15,7 +15,6 @@ from .decode import BadSample, decode_clip
 from .mixture import sample_tokens
 from .packing import Item, PackedBatch, Packer
 from .patchify import patchify
-from .position import StreamPosition
 
 log = logging.getLogger(__name__)
 

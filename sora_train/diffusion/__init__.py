@@ -43,23 +43,26 @@ def per_token(values: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 1, (seg - 1).clamp(min=0))[..., None]
 
 
+def token_errors(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[B,S]: each token's mean squared error (times its loss weight [B,S,1]), padding included."""
+    err = (pred.float() - target.float()).pow(2).mean(-1)
+    return err * weight[..., 0] if weight is not None else err
+
+
 def masked_mse_sum(pred: torch.Tensor, target: torch.Tensor, seg: torch.Tensor,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over real tokens of the per-token mean squared error; padding never counts.
     Divide by the real-token count of the *whole* micro-batch (not of an SP shard), so that
     the sum over sequence-parallel ranks equals the full-sequence mean."""
-    err = (pred.float() - target.float()).pow(2).mean(-1)
-    if weight is not None:  # [B,S,1] per token
-        err = err * weight[..., 0]
-    return (err * (seg > 0)).sum()
+    return (token_errors(pred, target, weight) * (seg > 0)).sum()
 
 
 def packed_loss(objective, pred: torch.Tensor, x_t: torch.Tensor, t_tok: torch.Tensor, target: torch.Tensor,
-                seg: torch.Tensor, real_tokens: int) -> torch.Tensor:
+                seg: torch.Tensor, real_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The objective's loss over packed rows (or an SP shard of them), normalised by the real tokens of the full
-    rows: the SP ranks' losses sum to the full mean."""
-    pred = objective.velocity(pred.float(), x_t, t_tok)
-    return masked_mse_sum(pred, target, seg, objective.loss_weight(t_tok)) / real_tokens
+    rows (the SP ranks' losses sum to the full mean), and each token's error [B,S] (per-source figures)."""
+    err = token_errors(objective.velocity(pred.float(), x_t, t_tok), target, objective.loss_weight(t_tok))
+    return (err * (seg > 0)).sum() / real_tokens, err
 
 
 def step_generator(*key: int) -> torch.Generator:
@@ -73,4 +76,4 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 
 
 __all__ = ["DiffusionConfig", "FlowConfig", "DDPMConfig", "RectifiedFlow", "DDPM", "OBJECTIVES", "build_objective",
-           "check_sampler", "per_token", "masked_mse_sum", "packed_loss", "step_generator", "guided"]
+           "check_sampler", "per_token", "masked_mse_sum", "token_errors", "packed_loss", "step_generator", "guided"]

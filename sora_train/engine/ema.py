@@ -62,8 +62,12 @@ class EMA:
         if set(old["params"]) != set(self.shadow):
             raise ValueError(f"EMA in {d} has other parameters than the model")
         files = [safe_open(str(d / f"rank{r:05d}.safetensors"), "pt") for r in range(old["world"])]
+        self.load_full(_Concat(files, old["params"]))
+
+    def load_full(self, full) -> None:
+        """From whole tensors by name (a mapping; flattened or shaped): each rank keeps its own shard."""
         for n, shard in self.shadow.items():
-            flat = torch.cat([f.get_tensor(n).flatten() for f in files])[: old["params"][n]["numel"]]
+            flat = full[n].flatten().float()
             if self.partitioned:
                 P = shard.numel()
                 piece = flat[self.rank * P : (self.rank + 1) * P]
@@ -85,3 +89,12 @@ class EMA:
         return out
 
 
+class _Concat(dict):
+    """The saved shards of each parameter, concatenated when asked (one parameter in memory at a time)."""
+
+    def __init__(self, files, params: dict):
+        super().__init__()
+        self.files, self.params = files, params
+
+    def __getitem__(self, n):
+        return torch.cat([f.get_tensor(n).flatten() for f in self.files])[: self.params[n]["numel"]]

@@ -48,4 +48,4 @@ class Validator:
         t_tok = per_token(t.to(self.device), batch.seg)
         x_t, target = self.objective.corrupt(batch.tokens, noise, t_tok)
         pred = self.forward(x_t, t.to(self.device), batch.pos, batch.seg, batch.text, batch.text_seg, batch.extent)
-        return packed_loss(self.objective, pred, x_t, t_tok, target, batch.seg, batch.real_tokens).item()
+        return packed_loss(self.objective, pred, x_t, t_tok, target, batch.seg, batch.real_tokens)[0].item()

@@ -61,9 +61,11 @@ def build_partitioned(build_model: Callable[[], nn.Module], ds_config: dict, mpu
 
 
 def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micro_rows: int, dims: ParallelDims,
-                device: torch.device, load_universal: bool = False):
+                device: torch.device, load_universal: bool = False,
+                init_weights: Callable[[nn.Module], None] | None = None):
     """Builds the model and wraps it, in order, into a DeepSpeed engine. `o` is the optim config (the
-    optimizer, its schedule and clipping are part of the engine); micro_rows the packed rows per micro-batch."""
+    optimizer, its schedule and clipping are part of the engine); micro_rows the packed rows per micro-batch.
+    init_weights (a stage's parent weights) runs on the built model before the optimizer takes its masters."""
     import deepspeed
 
     from ..engine.optim import build_optimizer, deepspeed_optimizer_section
@@ -75,6 +77,8 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
     mpu = SequenceParallelMPU(dims) if dims.sp > 1 else None
     model = parallelize_dit(build_partitioned(build_model, ds_config, mpu), dims, p.activation_checkpointing,
                             p.compile)
+    if init_weights is not None:
+        init_weights(model)
     optimizer, schedule = build_optimizer(o, model, cuda)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
                                       mpu=mpu)

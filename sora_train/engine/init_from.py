@@ -1,0 +1,150 @@
+"""Stages: a new run that starts from another run's weights (init_from.path = a checkpoint, a step directory in it,
+or an export), with a new out_dir, data, schedule and step 0: the model's and EMA's weights come over; its
+optimizer state, data position and step do not (init_from.optimizer=true keeps the optimizer state, from a
+checkpoint saved on the same number of ranks). Pretraining curricula chain runs this way (images at low
+resolution -> video -> larger, longer clips), each stage from the last.
+
+A model config that changes a parameter's shape is refused, naming the keys; keys that change no shape (the
+attention backend, positional encodings without weights, ...) may differ and are listed at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import model_args, saved_model_config, to_container
+from ..models import DiT
+from ..preflight import ConfigError
+from .checkpoint import find_latest, is_complete
+
+
+@dataclass
+class Parent:
+    path: Path  # an export dir or a complete step dir
+    meta: dict
+    is_export: bool
+
+    @classmethod
+    def find(cls, path: str | Path) -> "Parent":
+        path = Path(path)
+        if (path / "model.safetensors").exists():
+            return cls(path, json.loads((path / "meta.json").read_text()), True)
+        step_dir = path if is_complete(path) else find_latest(path)
+        if step_dir is None:
+            raise ConfigError(f"init_from.path={str(path)!r}: no export (model.safetensors) and no complete "
+                              f"checkpoint there")
+        return cls(step_dir, json.loads((step_dir / "meta.json").read_text()), False)
+
+    @property
+    def lineage(self) -> list[dict]:
+        """This parent, then its own ancestors: where a stage's weights came from."""
+        cfg = self.meta.get("config", {})
+        return [{"init_from": str(self.path), "step": self.meta.get("step"), "out_dir": cfg.get("out_dir"),
+                 "wandb_id": self.meta.get("wandb_id")}, *self.meta.get("lineage", [])]
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The parent's fp32 model weights (an export's lazily, tensor by tensor)."""
+        if self.is_export:
+            f = safe_open(str(self.path / "model.safetensors"), "pt")
+            return LazyState(f)
+        from ..inference.export import fp32_weights
+
+        return fp32_weights(self.path)
+
+    def load_ema(self, ema) -> bool:
+        """The parent's EMA into `ema` (any world size); False when the parent has none."""
+        if self.is_export:
+            if not (self.path / "ema.safetensors").exists():
+                return False
+            ema.load_full(LazyState(safe_open(str(self.path / "ema.safetensors"), "pt")))
+            return True
+        if not (self.path / "ema" / "layout.json").exists():
+            return False
+        ema.load(self.path)
+        return True
+
+
+class LazyState(dict):
+    """A safetensors file as a read-only mapping that reads a tensor when asked (bounded host memory)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def __getitem__(self, name):
+        return self.f.get_tensor(name)
+
+    def keys(self):
+        return self.f.keys()
+
+
+def shapes(args) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # no memory: a 30B preset's shapes in milliseconds
+        return {n: tuple(p.shape) for n, p in DiT(args).named_parameters()}
+
+
+def check_architecture(cfg, parent: Parent) -> list[str]:
+    """Refuses a model whose parameters differ from the parent's; returns the model keys that differ anyway."""
+    old = to_container(saved_model_config(parent.meta["config"]["model"]))
+    new = to_container(cfg.model)
+    differ = [k for k in new if old.get(k) != new[k]]
+    a, b = shapes(model_args(saved_model_config(parent.meta["config"]["model"]))), shapes(model_args(cfg.model))
+    if a != b:
+        changed = sorted(set(a) ^ set(b)) or [n for n in a if a[n] != b.get(n)]
+        raise ConfigError(f"init_from.path={str(parent.path)!r}: the model differs from the parent's in "
+                          f"{', '.join(f'model.{k}: {old.get(k)!r} -> {new[k]!r}' for k in differ)}, which changes "
+                          f"its parameters ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); a stage "
+                          f"keeps the architecture (shape-neutral keys may change)")
+    return differ
+
+
+def load_weights(module: torch.nn.Module, parent: Parent, rank: int) -> None:
+    """Copies the parent's weights into `module` before the optimizer is built (its fp32 masters are then these).
+    Under ZeRO-3 each parameter is gathered, written by rank 0 (which alone reads the parent) and re-partitioned."""
+    params = dict(module.named_parameters())
+    if any(hasattr(p, "ds_tensor") for p in params.values()):
+        import deepspeed
+
+        state = parent.model_state() if rank == 0 else None
+        for name, p in params.items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        p.copy_(state[name].to(p.dtype))
+        return
+    state = parent.model_state()
+    missing = sorted(set(params) - set(state.keys()))
+    if missing:
+        raise ConfigError(f"init_from.path={str(parent.path)!r} has no weights for {missing[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(p.dtype))
+
+
+def start_stage(cfg, parent: Parent, engine, ema, changed: list[str], dims) -> None:
+    """After the engine is built with the parent's weights: the parent's EMA, its optimizer state when asked, and
+    a line saying where the stage starts from."""
+    from_ema = ema is not None and parent.load_ema(ema)
+    if cfg.init_from.optimizer:
+        old = parent.meta["config"]
+        problem = ("it is an export (no optimizer state)" if parent.is_export else
+                   f"it was saved on {parent.meta['world_size']} ranks, this run has {dims.world_size}"
+                   if parent.meta["world_size"] != dims.world_size else
+                   f"its optimizer is {old['optim'].get('name', 'adamw')}" if old["optim"].get("name", "adamw") !=
+                   cfg.optim.name else f"its ZeRO stage is {old['parallel']['zero_stage']}"
+                   if old["parallel"]["zero_stage"] != cfg.parallel.zero_stage else None)
+        if problem:
+            raise ConfigError(f"init_from.optimizer=true: cannot take the optimizer state of {parent.path}: {problem}")
+        path, _ = engine.load_checkpoint(str(parent.path.parent), tag=parent.path.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {parent.path}")
+    if dims.is_main:
+        print(f"stage from {parent.path} (step {parent.meta.get('step')}): model weights"
+              f"{', EMA' if from_ema else ''}{', optimizer state' if cfg.init_from.optimizer else ''}; step 0, a "
+              f"fresh data position{'; model keys changed: ' + ', '.join(changed) if changed else ''}", flush=True)
