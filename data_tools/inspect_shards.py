@@ -1,6 +1,8 @@
-"""sora-inspect: what is in a shard set: manifest summary, and decoded samples as a PNG to look at.
+"""sora-inspect: what is in a shard set: manifest summary, and decoded samples as a PNG to look at; or what a
+mixture of shard sets packs into rows: each source's realised share of the tokens, and the packing efficiency.
 
   sora-inspect data/shards --show 8 --png /tmp/samples.png
+  sora-inspect --mix images=data/recipe/images:0.25 clips=data/recipe/video_low:0.75 --rows 200 --seq-len 1024
 """
 
 from __future__ import annotations
@@ -16,12 +18,58 @@ from sora_train.data import list_shards, load_manifest
 from sora_train.data.decode import BadSample, decode_clip
 
 
+def mix_report(mix: list[str], rows: int, seq_len: int, text_len: int, patch: tuple[int, int, int],
+               lookahead: int, max_per_row: int) -> dict:
+    """The rows a data.sources mixture packs (name=shards:weight each), read as the trainer's loader reads them."""
+    from collections import Counter
+
+    from omegaconf import OmegaConf
+
+    from sora_train.data import PackedLoader, StreamSpec
+    from sora_train.data.mixture import sources_of
+
+    nodes = {}
+    for item in mix:
+        name, rest = item.split("=", 1)
+        path, _, weight = rest.rpartition(":")
+        nodes[name] = {"train": path, "weight": float(weight)}
+    sources = sources_of(OmegaConf.create(nodes))
+    m = load_manifest(sources[0].urls[0].rsplit("/", 1)[0])
+    spec = StreamSpec(seq_len, text_len, 1, max_per_row, lookahead, 0, None, 0.0, "crop_time", patch,
+                      m["codec"]["latent_channels"], m["text_encoder"]["width"])
+    tokens, real = Counter(), 0
+    for _, b in zip(range(rows), PackedLoader(sources, spec)):
+        ids = iter(b.consumed)  # the packed samples' ids first, row by row; a mixture's carry the source first
+        for r, row in enumerate(b.keys):
+            for j in range(len(row)):
+                tokens[sources[next(ids)[0]].name] += int(b.grids[r, j].prod())
+        real += b.real_tokens
+    total = sum(tokens.values())
+    return {"rows": rows, "packing_efficiency": real / (rows * seq_len),
+            "token_share": {s.name: tokens[s.name] / total for s in sources},
+            "weight_share": {s.name: s.weight / sum(x.weight for x in sources) for s in sources}}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("source", help="shard directory, brace pattern or pipe: command")
+    p.add_argument("source", nargs="?", help="shard directory, brace pattern or pipe: command")
     p.add_argument("--show", type=int, default=0, help="decode this many samples")
     p.add_argument("--png", default=None, help="write the decoded samples' frames to this PNG")
+    p.add_argument("--mix", nargs="+", metavar="NAME=SHARDS:WEIGHT", help="pack a mixture instead (data.sources)")
+    p.add_argument("--rows", type=int, default=100, help="--mix: rows to pack")
+    p.add_argument("--seq-len", type=int, default=2048, help="--mix: tokens per row (data.seq_len)")
+    p.add_argument("--text-len", type=int, default=256, help="--mix: text tokens per row (data.text_len)")
+    p.add_argument("--max-per-row", type=int, default=64, help="--mix: samples per row (data.max_per_row)")
+    p.add_argument("--lookahead", type=int, default=64, help="--mix: samples the packer chooses from")
+    p.add_argument("--patch-size", default="1,2,2", help="--mix: the model's (t,h,w) patch")
     a = p.parse_args(argv)
+    if a.mix:
+        report = mix_report(a.mix, a.rows, a.seq_len, a.text_len, tuple(int(v) for v in a.patch_size.split(",")),
+                            a.lookahead, a.max_per_row)
+        print(json.dumps(report, indent=1))
+        return
+    if not a.source:
+        p.error("give a shard source, or --mix")
     m = load_manifest(a.source)
     urls = list_shards(a.source)
     print(f"{len(urls)} shards")

@@ -41,7 +41,8 @@ def write_source(root: Path, name: str, samples: int, frames: tuple[int, int], s
                             "json": json.dumps({"latent_shape": [4, t, 8, 8]})})
                 tokens, n = tokens + 16 * t, n + 1
         entries.append({"shard": path.name, "samples": n, "tokens": tokens})
-    (out / "manifest.json").write_text(json.dumps({"shards": entries}))
+    (out / "manifest.json").write_text(json.dumps({"shards": entries, "codec": {"latent_channels": 4},
+                                                   "text_encoder": {"width": 8}, "patch_size": [1, 2, 2]}))
     return out
 
 
@@ -94,6 +95,17 @@ def test_token_shares_follow_the_weights_over_short_windows(three):
         window = token_shares(batches[start : start + 5])
         assert all(abs(window[n] - w) < 0.08 for n, w in weights.items()), (start, window)
     assert loader.stats.as_metrics()["data/token_share/long"] == pytest.approx(shares["long"])
+
+
+def test_sora_inspect_reports_a_mixtures_token_shares_and_packing_without_training(three, capsys):
+    from data_tools.inspect_shards import main
+
+    main(["--mix", f"short={three['short']}:2", f"long={three['long']}:1", f"mid={three['mid']}:1", "--rows", "120",
+          "--seq-len", "512", "--lookahead", "16", "--max-per-row", "32"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["weight_share"] == {"short": 0.5, "long": 0.25, "mid": 0.25}
+    assert all(abs(report["token_share"][n] - w) < 0.02 for n, w in report["weight_share"].items()), report
+    assert 0.85 < report["packing_efficiency"] <= 1.0
 
 
 @pytest.mark.parametrize("workers", [0, 2])
