@@ -117,6 +117,14 @@ class SampleConfig:
     use_ema: bool = True
     device: str = "auto"
     text_encoder: Optional[str] = None  # default: the one named in the checkpoint's dataset manifest
+    # Prompting with images and videos (the model must be trained with diffusion.condition): the given frames are
+    # kept exactly and are part of the output, so the seam can be watched.
+    image: Optional[str] = None  # a still to animate: the output's first frame
+    video: Optional[str] = None  # a clip to continue (extend=forward) or to lead into (extend=backward)
+    extend: str = "forward"  # forward | backward
+    context_frames: int = 4  # frames of `video` given (its last ones forwards, its first ones backwards)
+    first: Optional[str] = None  # connect two clips: `first` (image or video: its last frame) opens the output,
+    last: Optional[str] = None  # `last` (its first frame) closes it
 
 
 @dataclass
@@ -134,6 +142,9 @@ class EvalConfig:
     use_ema: bool = True
     untrained: bool = False
     device: str = "auto"  # auto: the GPU when there is one
+    # t2v: from the prompt alone; i2v: from the prompt and the first frame of the synthetic world's own clip;
+    # extend: from its first half (frames // 2). i2v/extend report the seam and the text-only scores beside.
+    task: str = "t2v"
 
 
 def register() -> None:

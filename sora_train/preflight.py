@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from .data import check_manifest, list_shards, load_manifest
 from .data.mixture import sources_of
+from .diffusion.conditioning import ConditionConfig
 from .data.stream import check_readers
 from .engine.checkpoint import dir_bytes, half_written
 from .diffusion import OBJECTIVES, check_sampler
@@ -79,6 +80,10 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
         raise ConfigError(str(e)) from e
     if cfg.data.max_per_row > cfg.model.max_segments:
         raise ConfigError(f"data.max_per_row={cfg.data.max_per_row} exceeds model.max_segments={cfg.model.max_segments}")
+    try:
+        ConditionConfig(**OmegaConf.to_container(cfg.diffusion.condition)).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if cfg.diffusion.kind not in OBJECTIVES:
         raise ConfigError(f"diffusion.kind={cfg.diffusion.kind!r}: use {' or '.join(OBJECTIVES)}")
     try:  # used only when the run samples (logging.sample_*): a typo would surface hours in, or after the last step

@@ -13,13 +13,14 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from . import CONF_DIR
 from .config import model_args, register, to_container
 from .data import DataQualityError, PackedLoader, StreamSpec
 from .data.mixture import sources_of
 from .data.stream import NoUsableSamples
-from .diffusion import build_objective, packed_loss, per_token, step_generator
+from .diffusion import build_objective, draw_given, packed_loss, per_token, step_generator
 from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
 from .engine.ema import EMA
 from .engine.metrics import MetricLogger, SampleIds, Throughput, describe_run
@@ -55,6 +56,7 @@ class Trainer:
         self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size)
         self.nonfinite = NonFiniteSteps(cfg.optim.max_bad_steps, ckpt, logger)
         self.stop = StopRequested()
+        self.condition = OmegaConf.to_object(cfg.diffusion.condition)  # the typed node: draws given frames
         self.source_losses = SourceLosses([s.name for s in loader.mixture] if getattr(loader, "mixture", None)
                                           else None, device)
         self.sample_ids = SampleIds(cfg.out_dir, dims.dp_rank, cfg.logging.sample_ids and dims.sp_rank == 0)
@@ -73,33 +75,41 @@ class Trainer:
     def forward_backward(self, batch, micro: int) -> tuple[torch.Tensor, bool]:
         """Returns (loss, finite). The generator key is the micro-batch's index in the global batch, so
         DP=2 and one process accumulating 2 micro-batches draw the same noise for the same data."""
-        d, o = self.dims, self.cfg.optim
+        d, o, condition = self.dims, self.cfg.optim, self.condition
         gen = step_generator(self.cfg.seed, self.step, d.dp_rank * o.grad_accum + micro)
         t = self.objective.sample_t(batch.grids.prod(-1), gen)  # [R,M]
         noise = torch.randn(batch.tokens.shape, generator=gen)
         x_t, target = self.objective.corrupt(batch.tokens, noise, per_token(t, batch.seg))
-        loss, errors = self.loss(x_t, t, target, batch)
+        given = draw_given(condition, batch.pos, batch.seg, batch.grids, gen) if condition.enabled else None
+        if given is not None:  # conditioning frames: clean, at t = 0 in the model, no loss
+            x_t = torch.where(given[..., None], batch.tokens, x_t)
+        loss, errors, loss_seg = self.loss(x_t, t, target, batch, given=given)
         finite = all_reduce_values(torch.isfinite(loss.detach()), self.device, "min")[0]  # every rank: one branch
         if finite:
-            self.source_losses.add(errors, shard_sequence(batch.seg, d.sp_rank, d.sp).to(self.device), batch)
+            self.source_losses.add(errors, loss_seg, batch)
         else:
             # Drop this micro-batch but keep every rank's collectives in lockstep: backward a zero
             # multiple of the loss on sanitised inputs (finite weights -> exactly zero gradients).
             clean = lambda v: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731
-            loss = self.loss(clean(x_t), t, clean(target), batch, clean(batch.text))[0] * 0.0
+            loss = self.loss(clean(x_t), t, clean(target), batch, clean(batch.text), given)[0] * 0.0
         self.engine.backward(loss)
         return loss.detach(), bool(finite)
 
-    def loss(self, x_t, t, target, batch, text=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """This SP rank's part of the micro-batch's loss (the parts sum to the full rows' mean), and its tokens'
-        errors."""
+    def loss(self, x_t, t, target, batch, text=None, given=None):
+        """This SP rank's part of the micro-batch's loss (the parts sum to the full rows' mean over the tokens
+        that carry loss: given ones do not), its tokens' errors, and which of its tokens carry loss."""
         shard = lambda x: shard_sequence(x, self.dims.sp_rank, self.dims.sp).to(self.device)  # noqa: E731
         seg, x_local = shard(batch.seg), shard(x_t)
         text = batch.text if text is None else text
+        kw = {} if given is None else {"given": shard(given)}
         pred = self.engine(x_local.to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
-                           text.to(self.device, self.dtype), batch.text_seg.to(self.device), extent=shard(batch.extent))
-        return packed_loss(self.objective, pred, x_local, shard(per_token(t, batch.seg)), shard(target), seg,
-                           batch.real_tokens)
+                           text.to(self.device, self.dtype), batch.text_seg.to(self.device), extent=shard(batch.extent),
+                           **kw)
+        tokens = batch.real_tokens if given is None else batch.real_tokens - int((given & (batch.seg > 0)).sum())
+        loss_seg = seg if given is None else seg * ~kw["given"]
+        loss, errors = packed_loss(self.objective, pred, x_local, shard(per_token(t, batch.seg)), shard(target),
+                                   loss_seg, max(tokens, 1))
+        return loss, errors, loss_seg
 
     # -- one optimizer step -----------------------------------------------------------------------
     def train_step(self, batches) -> dict:

@@ -29,12 +29,15 @@ def runs(dataset, tmp_path_factory):
     """One process accumulating the global batch (ZeRO-3, and the quickstart's stage 0) vs ZeRO-3 DP=2, SP=2, and DP=2 x SP=2."""
     tmp, shards = tmp_path_factory.mktemp("dist"), dataset / "shards"
     five, three, muon = ["optim.steps=5"], ["optim.steps=3", "optim.grad_accum=1"], ["optim.name=muon", "optim.grad_clip=0"]
+    cond = ["diffusion.condition.first=0.4", "diffusion.condition.first_last=0.3", "diffusion.condition.random=0.2"]
     return {
         **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
+                single_cond=[*three, *cond],
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
         **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1"], muon_dp2=[*five, "optim.grad_accum=1", *muon],
-                sp2=[*three, "parallel.sp=2"], sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"]),
+                sp2=[*three, "parallel.sp=2"], sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
+                sp2_cond=[*three, "parallel.sp=2", *cond]),
         **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"]),
     }
 
@@ -76,6 +79,16 @@ def test_sequence_parallel_sp2_matches_sp1(runs):
         assert_close(b["grads_step1"][name], a["grads_step1"][name], atol=1e-7)
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
+
+
+def test_sequence_parallel_sp2_matches_sp1_with_frame_conditioning(runs):
+    """Given frames (clean, their own t = 0 slot, no loss) shard with the rows like every other token."""
+    a, b = runs["single_cond"], runs["sp2_cond"]
+    assert a["loss"] != runs["single_ga1"]["loss"]  # the conditioning changed what was trained
+    assert_close(b["loss"], a["loss"])
+    assert_close(b["grad_norm"], a["grad_norm"])
+    for name in a["grads_step1"]:
+        assert_close(b["grads_step1"][name], a["grads_step1"][name], atol=1e-7)
 
 
 def test_sequence_parallel_at_stage0_clips_and_matches_sp1(runs):

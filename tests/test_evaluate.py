@@ -43,7 +43,7 @@ def test_eval_prompts_include_pairs_never_seen_in_training():
 
 
 def test_synthetic_travel_and_aspect_options_shape_the_clips():
-    from data_tools.synthetic import motion_centre
+    from sora_train.synthetic_world import motion_centre
 
     rng = random.Random(0)
     specs = [random_spec(rng, max_aspect=1.0, travel=0.7) for _ in range(40)]

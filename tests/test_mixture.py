@@ -172,3 +172,30 @@ def test_the_trainer_resumes_a_mixture_exactly(dataset, tmp_path):
     for name in ("a", "b"):  # each source's loss (in the steps that drew it), beside its share of the tokens
         assert [r[f"loss/{name}"] > 0 for r in rows if f"loss/{name}" in r].count(True) >= 2
     assert 0.5 < shares["data/token_share/a"] < 0.9 and shares["data/token_share/a"] + shares["data/token_share/b"] == pytest.approx(1)
+
+
+def test_a_mixture_run_resumed_on_another_world_size_trains_on_every_sample_once(dataset, tmp_path):
+    """2 ranks for 4 steps, then 1 rank to step 8 (DeepSpeed's universal checkpoint): the merged positions of the
+    ranks hand over every source's progress, so no sample is trained on twice and none skipped."""
+    from distributed import tiny_model, torchrun
+
+    out = tmp_path / "run"
+
+    def run(ranks, steps):
+        args = [a for a in tiny_model(dataset / "shards", out, **{"optim.steps": steps, "checkpoint.every": 2,
+                                                                   "logging.sample_ids": True})
+                if not a.startswith("data.train=")]
+        torchrun(ranks, ["-m", "sora_train.train", *args, f"+data.sources.a={{train: {dataset / 'shards'}, weight: 2}}",
+                         f"+data.sources.b={{train: {dataset / 'shards'}, weight: 1}}"])
+
+    run(2, 4)
+    run(1, 8)
+    records = [json.loads(line) for f in sorted((out / "sample_ids").glob("dp*.jsonl")) for line in open(f)]
+    ids = [tuple(i) for r in records for i in r["ids"]]
+    assert sorted({r["step"] for r in records}) == list(range(1, 9))
+    assert len(ids) == len(set(ids)) and {i[0] for i in ids} == {0, 1}  # each once; both sources drawn
+    # The saved position counts, per source, exactly the samples trained on (8 per finished shard).
+    position = json.loads((out / "checkpoints" / "step_00000008" / "data_position.json").read_text())
+    consumed = {n: sum(len(p["consumed"]) for e in pos["epochs"].values() for p in e.values())
+                + sum(8 * len(d) for d in pos["done"].values()) for n, pos in position["mixture"].items()}
+    assert consumed == {n: sum(1 for i in ids if i[0] == k) for k, n in enumerate(["a", "b"])}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .conditioning import ConditionConfig, draw_given
 from .ddpm import DDPM, DDPMConfig
 from .flow import FlowConfig, RectifiedFlow
 
@@ -19,6 +20,7 @@ class DiffusionConfig:
     sampler: str = "euler"  # euler | heun (flow), ddim (ddpm)
     steps: int = 30
     guidance: float = 4.0
+    condition: ConditionConfig = field(default_factory=ConditionConfig)  # frames given clean in training
 
 
 OBJECTIVES = {"flow": RectifiedFlow, "ddpm": DDPM}  # diffusion.kind -> objective; each reads cfg.<kind>
@@ -75,5 +77,5 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
     return uncond + scale * (cond - uncond)
 
 
-__all__ = ["DiffusionConfig", "FlowConfig", "DDPMConfig", "RectifiedFlow", "DDPM", "OBJECTIVES", "build_objective",
+__all__ = ["ConditionConfig", "draw_given", "DiffusionConfig", "FlowConfig", "DDPMConfig", "RectifiedFlow", "DDPM", "OBJECTIVES", "build_objective",
            "check_sampler", "per_token", "masked_mse_sum", "token_errors", "packed_loss", "step_generator", "guided"]

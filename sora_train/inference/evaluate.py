@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES
+from ..synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES, ClipSpec, render
 
 COLOUR_NAMES = tuple(COLOURS)
 
@@ -100,7 +100,7 @@ def eval_prompts(seed: int = 0, per_pair: int = 2) -> list[dict]:
             bg = rng.choice(list(BACKGROUNDS))
             verb = "beating" if motion == "beating" else f"moving {motion}"
             out.append({"prompt": f"a {colour} {shape} {verb} on a {bg} background", "colour": colour, "shape": shape,
-                        "motion": motion, "heldout_pair": held})
+                        "motion": motion, "background": bg, "heldout_pair": held})
     return out
 
 
@@ -123,12 +123,32 @@ def contact_sheet(videos: list[np.ndarray], path: Path, scale: int = 3) -> None:
     Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST).save(path)
 
 
+TASKS = ("t2v", "i2v", "extend")
+
+
+def reference_clip(item: dict, frames: int, height: int, width: int) -> np.ndarray:
+    """The synthetic world's own clip for an eval prompt: its first frame(s) are the given ones of i2v/extend."""
+    travel, a, b = 0.45, 0.5 + 0.45 / 2, 0.5 - 0.45 / 2
+    start = {"left": (a, 0.5), "right": (b, 0.5), "up": (0.5, a), "down": (0.5, b)}.get(item["motion"], (0.5, 0.5))
+    return render(ClipSpec(item["colour"], item["shape"], item["motion"], item["background"], height, width, frames,
+                           8, 0.2, start, travel))
+
+
+def seam(video: np.ndarray, real: np.ndarray, given: int) -> float:
+    """How far the first generated frame is from the last given one, over how far the real clip moves there
+    (~1: continuous; >> 1: a jump at the seam)."""
+    step = lambda v: np.abs(v[given].astype(np.float32) - v[given - 1].astype(np.float32)).mean()  # noqa: E731
+    return float(step(video) / max(step(real), 1.0))
+
+
 def run(cfg) -> dict:
     import torch
 
     from ..models import DiT
     from .pipeline import load_pipeline
 
+    if cfg.task not in TASKS:
+        raise ValueError(f"task={cfg.task!r}: use {', '.join(TASKS)}")
     pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device)
     sampler = pipe.sampler(cfg.sampler)  # refused before any work
     if cfg.untrained:  # the same architecture at initialisation: the floor to compare against
@@ -138,14 +158,28 @@ def run(cfg) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(cfg.checkpoint), "untrained": cfg.untrained, "step": pipe.meta.get("step"),
-              "sampler": sampler, "steps": cfg.steps, "prompts": len(items), "results": {}}
+              "task": cfg.task, "sampler": sampler, "steps": cfg.steps, "prompts": len(items), "results": {}}
+    given_n = {"t2v": 0, "i2v": 1, "extend": cfg.frames // 2}[cfg.task]
     for g in cfg.guidance:
-        videos = pipe.generate([it["prompt"] for it in items], cfg.frames, cfg.height, cfg.width, cfg.steps, g,
-                               sampler, cfg.seed)
+        name = f"guidance_{g}"
+        if given_n == 0:
+            videos = pipe.generate([it["prompt"] for it in items], cfg.frames, cfg.height, cfg.width, cfg.steps, g,
+                                   sampler, cfg.seed)
+        else:  # one prompt at a time: each has its own given frames
+            reals = [reference_clip(it, cfg.frames, cfg.height, cfg.width) for it in items]
+            videos = [pipe.generate([it["prompt"]], cfg.frames, cfg.height, cfg.width, cfg.steps, g, sampler, cfg.seed,
+                                    pipe.given_frames(cfg.frames, cfg.height, cfg.width, first=real[:given_n]))[0]
+                      for it, real in zip(items, reals)]
         analyses = [analyse(v) for v in videos]
-        report["results"][f"guidance_{g}"] = score(items, analyses)
-        contact_sheet(videos, out / f"contact_sheet_guidance_{g}.png")
-        report.setdefault("per_prompt", {})[f"guidance_{g}"] = [
+        report["results"][name] = score(items, analyses)
+        if given_n:
+            seams = [seam(v, real, given_n) for v, real in zip(videos, reals)]
+            report["results"][name].update(seam=float(np.median(seams)), given_frames=given_n)
+            text_only = pipe.generate([it["prompt"] for it in items], cfg.frames, cfg.height, cfg.width, cfg.steps,
+                                      g, sampler, cfg.seed)  # the same prompts without given frames, beside it
+            report["results"][f"{name}_text_only"] = score(items, [analyse(v) for v in text_only])
+        contact_sheet(videos, out / f"contact_sheet_{cfg.task}_{name}.png" if given_n else out / f"contact_sheet_{name}.png")
+        report.setdefault("per_prompt", {})[name] = [
             {**it, "got": analyses[i].__dict__} for i, it in enumerate(items)]
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..codecs import VideoCodec
-from ..data.patchify import grid_positions, unpatchify
+from ..data.patchify import grid_positions, patchify, unpatchify
 from ..diffusion import guided
 from ..video_io import write_gif, write_mp4
 
@@ -50,22 +51,57 @@ def generation_batch(texts: list[np.ndarray], grid, text_dim: int, multiple: int
     return pos, seg, text, text_seg, extent, n, S
 
 
+@dataclass
+class GivenFrames:
+    """Latent frames the sampler keeps as given (image-to-video, extension, interpolation): `latent` [C,T,H,W] at
+    the output's size, and for each of its latent frames (patch units along time) where it goes in the output."""
+
+    latent: torch.Tensor
+    at: list[int]
+
+    def tokens(self, grid, patch, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean tokens [S,P] at their places in the output's rows, mask [S] of the given ones)."""
+        tokens, pos = patchify(self.latent.float(), patch)
+        if tuple(int(v) for v in pos.max(0).values + 1)[1:] != tuple(grid[1:]):
+            raise ValueError(f"the given frames' latent grid {tuple(pos.max(0).values + 1)} does not match the "
+                             f"output's {tuple(grid)} in space")
+        n = math.prod(grid)
+        clean, mask = torch.zeros(S, tokens.shape[1]), torch.zeros(S, dtype=torch.bool)
+        for frame, place in enumerate(self.at):
+            if not 0 <= place < grid[0]:
+                raise ValueError(f"given frame {frame} goes to latent frame {place}, outside the output's {grid[0]}")
+            src = (pos[:, 0] == frame).nonzero().flatten()
+            dst = place * grid[1] * grid[2] + torch.arange(grid[1] * grid[2])
+            clean[dst], mask[dst] = tokens[src], True
+        mask[n:] = False
+        return clean, mask
+
+
 @torch.no_grad()
 def generate_latents(forward, objective, texts: list[np.ndarray], grid, patch, channels: int, text_dim: int,
-                     steps: int, guidance: float, solver: str, seed: int, device, multiple: int = 1):
+                     steps: int, guidance: float, solver: str, seed: int, device, multiple: int = 1,
+                     given: GivenFrames | None = None):
+    """given: frames kept as given; the model reads them clean (t = 0) and they are put back at every step, so
+    the output holds them exactly."""
     pos, seg, text, text_seg, extent, n, S = generation_batch(texts, grid, text_dim, multiple)
     pos, seg, text, text_seg, extent = (x.to(device) for x in (pos, seg, text, text_seg, extent))
     B, P = len(texts), channels * math.prod(patch)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, S, P, generator=g).to(device)
+    kw, impose = {}, lambda v: v  # noqa: E731
+    if given is not None:
+        clean, mask = (v.to(device) for v in given.tokens(grid, patch, S))
+        kw["given"] = mask.expand(2 * B, S)
+        impose = lambda v: torch.where(mask[None, :, None], clean[None].to(v.dtype), v)  # noqa: E731
 
     def predict(x, t: float):
+        x = impose(x)
         out = forward(torch.cat([x, x]), torch.full((2 * B, 1), t, device=device), pos, seg, text, text_seg,
-                      extent=extent).float()
+                      extent=extent, **kw).float()
         cond, uncond = out.chunk(2)
         return guided(cond, uncond, guidance)
 
-    x0 = objective.sample(predict, x, steps, n, solver)
+    x0 = impose(objective.sample(predict, x, steps, n, solver))
     return [unpatchify(x0[i, :n].cpu(), grid, patch, channels) for i in range(B)]
 
 

@@ -19,7 +19,7 @@ from ..config import model_args, saved_model_config
 from ..diffusion import DDPMConfig, DiffusionConfig, FlowConfig, build_objective, check_sampler
 from ..engine.checkpoint import find_latest, is_complete
 from ..models import DiT, DiTArgs
-from .generate import generate_latents, latent_grid, to_frames
+from .generate import GivenFrames, generate_latents, latent_grid, to_frames
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,14 +97,49 @@ class Pipeline:
         return name
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, steps: int, guidance: float,
-                 sampler: str | None = None, seed: int = 0) -> list[np.ndarray]:
-        """prompts -> uint8 videos [T,H,W,3]."""
+                 sampler: str | None = None, seed: int = 0, given: GivenFrames | None = None) -> list[np.ndarray]:
+        """prompts -> uint8 videos [T,H,W,3]; given: latent frames kept as given (see given_frames)."""
         sampler = self.sampler(sampler)
         a = self.args
         grid = latent_grid(self.codec, a.patch_size, frames, height, width)
         latents = generate_latents(self.forward, self.objective, self.encoder.encode(list(prompts)), grid, a.patch_size,
-                                   a.in_channels, a.text_dim, steps, guidance, sampler, seed, self.device, self.sp)
+                                   a.in_channels, a.text_dim, steps, guidance, sampler, seed, self.device, self.sp,
+                                   given)
         return [to_frames(self.codec, z) for z in latents]
+
+    def encode_frames(self, frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """uint8 [T,H,W,3] (an image is T=1) -> latent [C,T',H',W'] at the output's size (resized to cover it,
+        centre-cropped), through the checkpoint's codec."""
+        from torchvision.transforms.v2 import functional as TF
+
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        s = max(height / video.shape[2], width / video.shape[3])
+        video = TF.resize(video, [max(height, round(video.shape[2] * s)), max(width, round(video.shape[3] * s))],
+                          antialias=True) if s != 1 else video
+        video = TF.center_crop(video, [height, width]).float() / 127.5 - 1.0
+        return self.codec.encode(video.permute(1, 0, 2, 3)[None].to(self.device))[0].cpu()
+
+    def given_frames(self, frames: int, height: int, width: int, first: np.ndarray | None = None,
+                     last: np.ndarray | None = None) -> GivenFrames:
+        """Frames kept as given: `first` (an image or clip, uint8 [T,H,W,3]) opens the output, `last` closes it
+        (image-to-video: first=image; extension forwards: first=the video's end; backwards: last=its start;
+        interpolation: both)."""
+        grid = latent_grid(self.codec, self.args.patch_size, frames, height, width)
+        pt, parts, at = self.args.patch_size[0], [], []
+        for clip, end in ((first, False), (last, True)):
+            if clip is None:
+                continue
+            z = self.encode_frames(clip, height, width)
+            z = z[:, : z.shape[1] // pt * pt]
+            n = z.shape[1] // pt
+            if n == 0 or n >= grid[0]:
+                raise ValueError(f"{len(clip)} given frame(s) make {n} latent frame(s); the output has {grid[0]}: "
+                                 f"give fewer frames or ask for more")
+            at += [grid[0] - n + i if end else i for i in range(n)]
+            parts.append(z)
+        if len(set(at)) < len(at):
+            raise ValueError("the first and last given frames overlap: ask for more frames")
+        return GivenFrames(torch.cat(parts, 1), at)
 
 
 def load_pipeline(checkpoint: str | Path, use_ema: bool = True, device: str | torch.device = "auto",

@@ -1,4 +1,5 @@
-"""sora-sample: a checkpoint (or an export) + prompts -> mp4 and gif files on one device."""
+"""sora-sample: a checkpoint (or an export) + prompts (+ an image to animate, a video to extend, or two clips to
+connect) -> mp4 and gif files on one device."""
 
 from __future__ import annotations
 
@@ -6,19 +7,55 @@ import sys
 from pathlib import Path
 
 import hydra
+import numpy as np
 
 from .. import CONF_DIR
 from ..config import register
-from .generate import write_videos
+from ..video_io import read_video
+from .generate import GivenFrames, write_videos
 from .pipeline import load_pipeline
 
 register()
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_frames_of(path: str) -> np.ndarray:
+    """An image (one frame) or a video, uint8 [T,H,W,3]."""
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        from PIL import Image
+
+        return np.asarray(Image.open(path).convert("RGB"))[None]
+    return read_video(path)[0]
+
+
+def given_frames(cfg, pipe) -> GivenFrames | None:
+    """image= | video= with extend= | first= and/or last= -> the frames the sampler keeps."""
+    asked = [k for k in ("image", "video", "first", "last") if cfg[k]]
+    if not asked:
+        return None
+    if len(asked) > 1 and set(asked) != {"first", "last"}:
+        raise ValueError(f"give one of image=, video= or first=/last=, not {' and '.join(k + '=' for k in asked)}")
+    first = last = None
+    if cfg.image:
+        first = read_frames_of(cfg.image)[:1]
+    if cfg.video:
+        if cfg.extend not in ("forward", "backward"):
+            raise ValueError(f"extend={cfg.extend!r}: use forward or backward")
+        clip = read_frames_of(cfg.video)
+        first, last = (clip[-cfg.context_frames :], None) if cfg.extend == "forward" else (None, clip[: cfg.context_frames])
+    if cfg.first:
+        first = read_frames_of(cfg.first)[-1:]
+    if cfg.last:
+        last = read_frames_of(cfg.last)[:1]
+    return pipe.given_frames(cfg.frames, cfg.height, cfg.width, first, last)
+
+
 def run(cfg) -> list[Path]:
     pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device, cfg.text_encoder)
     videos = pipe.generate(list(cfg.prompts), cfg.frames, cfg.height, cfg.width, cfg.steps, cfg.guidance, cfg.sampler,
-                           cfg.seed)
+                           cfg.seed, given_frames(cfg, pipe))
     gifs = write_videos(Path(cfg.out_dir), list(cfg.prompts), videos, cfg.fps)
     for g in gifs:
         print(f"wrote {g.with_suffix('.mp4')} and {g}")

@@ -132,17 +132,24 @@ class DiT(nn.Module):
         self.cross_attention = build_attention("sdpa" if args.attention == "flex" else args.attention,
                                                args.max_segments)
 
-    def forward(self, x, t, pos, seg, text=None, text_seg=None, extent=None):
+    def forward(self, x, t, pos, seg, text=None, text_seg=None, extent=None, given=None):
         """x [B,S,patch_dim] noisy patches; t [B,M] per-sample time in [0,1]; pos [B,S,3]; seg [B,S]
         (0 = padding); text [B,L,text_dim], text_seg [B,L]; extent [B,S,3]: the grid of each token's
-        sample (needed with frac_pos). Returns [B,S,patch_dim]."""
+        sample (needed with frac_pos); given [B,S] bool: tokens given clean (conditioning frames).
+        Returns [B,S,patch_dim]."""
         h = self.x_embedder(x)  # [B,S,D]
         if self.args.frac_pos:
             if extent is None:
                 raise ValueError("model.frac_pos needs extent (each token's sample grid, PackedBatch.extent)")
             h = h + self.pos_embedder(pos, extent)
-        c = self.t_embedder(t)  # [B,M,D]
+        M = t.shape[1]
         sample_of_token = (seg - 1).clamp(min=0)  # [B,S]
+        if given is not None:
+            # Frame conditioning: a sample's given tokens read a second conditioning slot, M + its own, whose time
+            # is 0 (clean). adaLN stays per slot (2M slots, not one per token); attention is still per sample.
+            t = torch.cat([t, torch.zeros_like(t)], 1)  # [B,2M]
+            sample_of_token = sample_of_token + M * given.long()
+        c = self.t_embedder(t)  # [B,M,D] (or [B,2M,D])
         rope = self.rope.freqs(pos)  # complex [B,S,1,hd/2]
         self_mask = self.attention.prepare(seg, seg)
         txt, cross_mask = None, None
@@ -150,7 +157,8 @@ class DiT(nn.Module):
             txt = self.y_embedder(text)  # [B,L,D]
             cross_mask = self.cross_attention.prepare(seg, text_seg)
             if self.args.pooled_text:
-                c = c + self.pooled_embedder(pool_segments(text, text_seg, c.shape[1]))  # [B,M,D]
+                pooled = self.pooled_embedder(pool_segments(text, text_seg, M))  # [B,M,D]
+                c = c + (pooled if given is None else torch.cat([pooled, pooled], 1))
         for block in self.blocks:
             h = block(h, c, sample_of_token, rope, self.attention, self_mask, txt, self.cross_attention, cross_mask)
         return self.final_layer(h, c, sample_of_token)  # [B,S,patch_dim]

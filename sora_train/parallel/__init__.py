@@ -38,10 +38,11 @@ def full_rows(module: nn.Module, dims: ParallelDims, dtype: torch.dtype) -> Call
     """The model on full packed rows, for validation and sampling: each SP rank runs its shard of the rows and the
     output is gathered back, so callers see whole rows (fp32) whatever the SP degree."""
 
-    def forward(x, t, pos, seg, text, text_seg, extent):
+    def forward(x, t, pos, seg, text, text_seg, extent, given=None):
         shard = lambda v: shard_sequence(v, dims.sp_rank, dims.sp)  # noqa: E731
+        kw = {} if given is None else {"given": shard(given)}  # conditioning frames (diffusion/conditioning.py)
         out = module(shard(x).to(dtype), t.to(dtype), shard(pos), shard(seg), text.to(dtype), text_seg,
-                     extent=shard(extent))
+                     extent=shard(extent), **kw)
         return gather_sequence(out.float(), dims.sp_group) if dims.sp > 1 else out.float()
 
     return forward
