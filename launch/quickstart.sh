@@ -5,10 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-bash launch/setup.sh
-. .venv/bin/activate
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} WANDB_MODE=${WANDB_MODE:-offline}
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions} HF_HUB_OFFLINE=1
+. launch/cpu_env.sh
 DATA=data/quickstart RUN=${RUN:-runs/quickstart}
 
 [ -f $DATA/raw/captions.jsonl ] || python -m data_tools.synthetic --out $DATA/raw --num-clips 480 --seed 0 \
