@@ -61,6 +61,9 @@ class EncodePolicy:
     clip_seconds: float | None = None  # cut each video (or each scene) into consecutive windows of this length
     scenes: bool = False  # cut each video at its shot changes (video_io.scene_cuts) into one clip per shot
     scene_threshold: float = 10.0  # FFmpeg scdet score (0-100) above which a frame starts a new shot
+    # The captions fields embedded per sample: the first is required (text.npy, txt); others where a row has them
+    # (text_<key>.npy, <key>.txt), for the loader's data.caption_mix.
+    caption_keys: tuple[str, ...] = ("caption",)
 
 
 class ClipRejected(ValueError):
@@ -183,13 +186,17 @@ def encode_chunk(chunk: int, rows: list[dict], base: str, out_dir: str) -> dict:
     ph, pw, pt = policy.patch_size[1], policy.patch_size[2], policy.patch_size[0]
     good = [r for r in rows if "error" not in r]
     stats["failures"] += [{"path": r.get("path"), "line": r["where"], "reason": r["error"]} for r in rows if "error" in r]
-    states_of, token_counts = text.encode_with_counts([r["caption"] for r in good])
+    keys = policy.caption_keys
+    encoded = {k: text.encode_with_counts([r[k] if isinstance(r.get(k), str) else "" for r in good]) for k in keys}
     try:
         with wds.TarWriter(str(tmp)) as sink:
-            for row, states, n_tokens in zip(good, states_of, token_counts):
+            for i, row in enumerate(good):
                 src = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
-                truncated = n_tokens > text.max_length
-                stats["truncated_captions"] += truncated
+                captions = [k for k in keys if isinstance(row.get(k), str)]  # the first is always there (row_error)
+                states = {k: encoded[k][0][i] for k in captions}
+                n_tokens = {k: encoded[k][1][i] for k in captions}
+                truncated = {k: n_tokens[k] > text.max_length for k in captions}
+                stats["truncated_captions"] += sum(truncated.values())
                 try:
                     info = probe_video(src)
                     clips = clips_of(row, info, src, policy)
@@ -205,21 +212,27 @@ def encode_chunk(chunk: int, rows: list[dict], base: str, out_dir: str) -> dict:
                         continue
                     c, t, h, w = latent.shape
                     dh, dw = info.display_size
+                    first = keys[0]
                     meta = {"source": src, "fps": info.fps, "frames": info.frames, "source_height": dh,
                             "source_width": dw, "latent_shape": [c, t, h, w], "codec": codec.info.name,
-                            "text_encoder": text.name, "caption": row["caption"], "caption_tokens": n_tokens,
-                            "caption_truncated": bool(truncated)}
+                            "text_encoder": text.name, "caption": row[first], "caption_tokens": n_tokens[first],
+                            "caption_truncated": bool(truncated[first])}
+                    if len(keys) > 1:
+                        meta["captions"] = {k: {"text": row[k], "tokens": n_tokens[k], "truncated": truncated[k]}
+                                            for k in captions}
                     if clip.end is not None:
                         meta.update(start=clip.start, end=clip.end)
                     # A row's clip keeps the row's key; clips cut from it (--scenes, --clip-seconds) are numbered.
                     key = f"c{chunk:06d}_{row['index']:04d}" + (f"_{k:04d}" if policy.scenes or policy.clip_seconds
                                                                 else "")
                     sink.write({"__key__": key, "latent.npy": npy_bytes(latent.numpy().astype(np.float16)),
-                                "text.npy": npy_bytes(states), "txt": row["caption"], "json": json.dumps(meta)})
+                                "text.npy": npy_bytes(states[first]), "txt": row[first], "json": json.dumps(meta),
+                                **{f"text_{k}.npy": npy_bytes(states[k]) for k in captions[1:]},
+                                **{f"{k}.txt": row[k] for k in captions[1:]}})
                     stats["samples"] += 1
                     stats["latent_positions"] += t * h * w
                     stats["tokens"] += (t // pt) * (h // ph) * (w // pw)
-                    stats["max_text_tokens"] = max(stats["max_text_tokens"], int(states.shape[0]))
+                    stats["max_text_tokens"] = max(stats["max_text_tokens"], *(int(v.shape[0]) for v in states.values()))
     except BaseException:
         tmp.unlink(missing_ok=True)  # a crash leaves no half shard behind (the rerun redoes this chunk)
         raise
@@ -274,7 +287,7 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def read_captions(path: str | Path) -> list[dict]:
+def read_captions(path: str | Path, caption_key: str = "caption") -> list[dict]:
     """One dict per non-blank line, in order, each with `where` (file:line) and `index` (its place in its chunk is
     set later). A line that cannot be used carries `error` instead of failing the job: it becomes a row of
     failures.jsonl. A UTF-8 byte-order mark (editors on Windows write one) is skipped."""
@@ -289,20 +302,20 @@ def read_captions(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 rows.append({"where": where, "error": f"not JSON ({e.msg} at column {e.colno})"})
                 continue
-            error = row_error(row)
+            error = row_error(row, caption_key)
             path_ = row.get("path") if isinstance(row, dict) and isinstance(row.get("path"), str) else None
             rows.append(dict(error, path=path_, where=where) if error else dict(row, where=where))
     return rows
 
 
-def row_error(row) -> dict:
+def row_error(row, caption_key: str = "caption") -> dict:
     """{} for a usable row, else {"error": why}."""
     if not isinstance(row, dict):
         return {"error": f"a line must be a JSON object, not {type(row).__name__}"}
     if not isinstance(row.get("path"), str) or not row["path"]:
         return {"error": f"'path' must be a file name, got {row.get('path')!r}"}
-    if not isinstance(row.get("caption"), str):
-        return {"error": f"'caption' must be a string (\"\" for none), got {row.get('caption')!r}"}
+    if not isinstance(row.get(caption_key), str):
+        return {"error": f"'{caption_key}' must be a string (\"\" for none), got {row.get(caption_key)!r}"}
     times = [row.get(k) for k in ("start", "end") if row.get(k) is not None]
     if any(not isinstance(v, (int, float)) or v < 0 for v in times):
         return {"error": f"'start' and 'end' must be seconds >= 0, got {row.get('start')!r}, {row.get('end')!r}"}
@@ -341,7 +354,7 @@ def run(captions: str, out: str, codec_kw: dict, text_path: str | None, policy: 
     claim_output(out_dir, {"captions_sha256": file_sha256(Path(captions)), "codec": codec_kw,
                            "text_encoder": text_path or "minilm", "text_max_length": text_max_length,
                            "policy": asdict(policy), "clips_per_shard": clips_per_shard})
-    rows = read_captions(captions)
+    rows = read_captions(captions, policy.caption_keys[0])
     base = str(Path(captions).resolve().parent)
     chunks = [[dict(r, index=j) for j, r in enumerate(rows[i : i + clips_per_shard])]
               for i in range(0, len(rows), clips_per_shard)]
@@ -371,7 +384,7 @@ def run(captions: str, out: str, codec_kw: dict, text_path: str | None, policy: 
     if not _worker:  # with worker processes the models live there; the manifest header needs their identity
         _init_worker(*init)
     codec, text = _worker["codec"], _worker["text"]
-    header = {"codec": asdict(codec.info),
+    header = {"caption_keys": list(policy.caption_keys), "codec": asdict(codec.info),
               "text_encoder": {"name": text.name, "width": text.width, "max_length": text.max_length},
               "patch_size": list(policy.patch_size), "policy": asdict(policy)}
     return finalize(out_dir, len(chunks), header)
@@ -399,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-frames", type=int, default=2, help="clips with fewer frames are skipped as too short")
     p.add_argument("--target-fps", type=float, default=None, help="take frames at this rate (default: every frame)")
     p.add_argument("--span", action="store_true", help="subsample frames to span the whole clip")
+    p.add_argument("--caption-keys", default="caption",
+                   help="captions fields to embed, comma-separated: the first is required, the others are stored "
+                        "where a line has them (data.caption_mix picks among them in training)")
     p.add_argument("--clip-seconds", type=float, default=None,
                    help="cut each video (each scene with --scenes) into clips of this many seconds; a captions "
                         "line's own start/end (seconds) cuts it to that range")
@@ -420,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     codec_kw = {"kind": a.codec, "path": a.codec_path, "factors": ints(a.codec_factors), "class_name": a.codec_class}
     policy = EncodePolicy(ints(a.patch_size), a.max_pixels, a.max_frames, a.min_frames, a.target_fps, a.span,
-                          a.clip_seconds, a.scenes, a.scene_threshold)
+                          a.clip_seconds, a.scenes, a.scene_threshold, tuple(a.caption_keys.split(",")))
     try:
         manifest = run(a.captions, a.out, codec_kw, a.text_encoder, policy, a.clips_per_shard, a.workers,
                        a.num_tasks, a.task_index, progress=not a.no_progress, text_max_length=a.text_max_length)

@@ -134,6 +134,9 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
 def check_data_sources(cfg, dp: int) -> dict | None:
     """The training/validation shards exist, are enough for every reader of `dp` ranks, and were encoded for this
     model; returns the manifest."""
+    shares = list(cfg.data.caption_mix.values())
+    if shares and (min(shares) < 0 or sum(shares) <= 0):
+        raise ConfigError(f"data.caption_mix={dict(cfg.data.caption_mix)}: shares are >= 0 with a positive sum")
     mixed = bool(cfg.data.sources)
     if mixed == bool(cfg.data.train):
         raise ConfigError("set data.train (the training shards: a directory, a brace pattern or pipe: commands, e.g. "
@@ -160,6 +163,10 @@ def check_data_sources(cfg, dp: int) -> dict | None:
                                cfg.data.text_len)
             except ValueError as e:
                 raise ConfigError(f"{key}: {e}" if mixed else str(e)) from e
+        unknown = sorted(set(cfg.data.caption_mix) - set((found or {}).get("caption_keys", ["caption"])))
+        if found is not None and unknown:
+            raise ConfigError(f"data.caption_mix: {unknown} are not among {key}'s captions "
+                              f"{found.get('caption_keys', ['caption'])} (sora-encode --caption-keys)")
         manifest = manifest or found  # the first names the text encoder and codec samples are made with
     if mixed:
         try:

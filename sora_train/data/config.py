@@ -35,6 +35,9 @@ class DataConfig:
     num_workers: int = 1  # loader processes per data-parallel rank
     seed: int = 0
     caption_dropout: float = 0.1  # share of samples trained without their caption (classifier-free guidance)
+    # Which of a sample's captions (sora-encode --caption-keys) it is trained on, by share, drawn per sample from
+    # its identity (exact resume holds); {} = the first. A sample without the one drawn uses its first.
+    caption_mix: Dict[str, float] = field(default_factory=dict)
     oversize: str = "crop_time"  # a sample over seq_len: crop_time (keep the first frames that fit) | skip
     max_bad_fraction: float = 0.05  # more bad samples than this share of reads stops the run
     min_reads_for_check: int = 200  # reads before the bad fraction is judged

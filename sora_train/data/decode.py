@@ -34,13 +34,15 @@ def load_npy(data: bytes, name: str) -> np.ndarray:
         raise BadSample(f"{name}: unreadable npy ({type(e).__name__}: {e})") from e
 
 
-def decode_clip(raw: dict, channels: int, text_width: int, patch: tuple[int, int, int]) -> Clip:
+def decode_clip(raw: dict, channels: int, text_width: int, patch: tuple[int, int, int], text_member: str = "text.npy",
+                caption_member: str = "txt") -> Clip:
+    """text_member / caption_member: which of the sample's captions (sora-encode --caption-keys) to read."""
     key = raw.get("__key__", "?")
     if "latent.npy" not in raw:
         raise BadSample("missing latent.npy")
-    if "text.npy" not in raw:
-        raise BadSample("missing text.npy (text-encoder states)")
-    latent, text = load_npy(raw["latent.npy"], "latent.npy"), load_npy(raw["text.npy"], "text.npy")
+    if text_member not in raw:
+        raise BadSample(f"missing {text_member} (text-encoder states)")
+    latent, text = load_npy(raw["latent.npy"], "latent.npy"), load_npy(raw[text_member], text_member)
     if latent.dtype.kind != "f" or text.dtype.kind != "f":
         raise BadSample(f"dtype latent={latent.dtype} text={text.dtype}, expected floating point")
     if latent.ndim != 4 or latent.shape[0] != channels:
@@ -51,7 +53,8 @@ def decode_clip(raw: dict, channels: int, text_width: int, patch: tuple[int, int
         raise BadSample(f"text shape {text.shape}, expected (L>0, {text_width})")
     if not (np.isfinite(latent).all() and np.isfinite(text).all()):
         raise BadSample("NaN/inf values")
-    caption = raw["txt"].decode("utf-8", "replace") if isinstance(raw.get("txt"), bytes) else str(raw.get("txt", ""))
+    txt = raw.get(caption_member)
+    caption = txt.decode("utf-8", "replace") if isinstance(txt, bytes) else str(txt or "")
     return Clip(key, latent.astype(np.float16, copy=False), text.astype(np.float16, copy=False), caption)
 
 

@@ -36,6 +36,7 @@ class StreamSpec:
     patch: tuple[int, int, int]
     channels: int
     text_dim: int
+    caption_mix: tuple[tuple[str, float], ...] = ()  # data.caption_mix as (key, share) pairs
 
     @classmethod
     def of(cls, data, model, **override) -> "StreamSpec":
@@ -43,7 +44,7 @@ class StreamSpec:
         kw = dict(seq_len=data.seq_len, text_len=data.text_len, rows=data.rows, max_per_row=data.max_per_row,
                   lookahead=data.lookahead, seed=data.seed, epochs=None, caption_dropout=data.caption_dropout,
                   oversize=data.oversize, patch=tuple(model.patch_size), channels=model.in_channels,
-                  text_dim=model.text_dim)
+                  text_dim=model.text_dim, caption_mix=tuple((k, float(v)) for k, v in data.caption_mix.items()))
         return cls(**{**kw, **override})
 
 
@@ -192,10 +193,19 @@ class PackedStream(IterableDataset):
             at += size
         return out
 
+    def caption_members(self, sid, raw: dict) -> tuple[str, str]:
+        """The (states, text) members of the caption data.caption_mix draws for this sample, from its identity."""
+        if not self.spec.caption_mix:
+            return "text.npy", "txt"
+        names, shares = zip(*self.spec.caption_mix)
+        u = np.random.default_rng([self.spec.seed, *sid, 3]).random() * sum(shares)
+        key = names[min(int(np.searchsorted(np.cumsum(shares), u, side="right")), len(names) - 1)]
+        return (f"text_{key}.npy", f"{key}.txt") if f"text_{key}.npy" in raw else ("text.npy", "txt")
+
     def make_item(self, sid, raw: dict, source=None) -> Item:
         """source: a mixture's source, with its own caps and caption dropout."""
         spec = self.spec
-        clip = decode_clip(raw, spec.channels, spec.text_dim, spec.patch)
+        clip = decode_clip(raw, spec.channels, spec.text_dim, spec.patch, *self.caption_members(sid, raw))
         latent = torch.from_numpy(clip.latent)
         if source is not None and source.max_frames and latent.shape[1] > source.max_frames:
             latent = latent[:, : max(source.max_frames // spec.patch[0], 1) * spec.patch[0]]

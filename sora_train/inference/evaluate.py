@@ -170,7 +170,7 @@ def run(cfg) -> dict:
             videos = [pipe.generate([it["prompt"]], cfg.frames, cfg.height, cfg.width, cfg.steps, g, sampler, cfg.seed,
                                     pipe.given_frames(cfg.frames, cfg.height, cfg.width, first=real[:given_n]))[0]
                       for it, real in zip(items, reals)]
-        analyses = [analyse(v) for v in videos]
+        analyses = [analyse(v[given_n:]) for v in videos]  # the generated frames: the given ones would score themselves
         report["results"][name] = score(items, analyses)
         if given_n:
             seams = [seam(v, real, given_n) for v, real in zip(videos, reals)]
