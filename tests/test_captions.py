@@ -1,6 +1,7 @@
 """Several captions per sample: encoded side by side, picked per sample by data.caption_mix, resumable exactly."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,69 @@ def test_a_caption_mix_naming_a_caption_the_shards_lack_is_refused(two_captions,
                                           "+data.caption_mix={caption: 0.5, caption_medium: 0.5}"])
     with pytest.raises(ConfigError, match=r"\['caption_medium'\] are not among .*\['caption', 'caption_long'\]"):
         preflight(cfg)
+
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    """A randomly initialised LLaVA (CLIP vision + Llama text, 32-wide) with MiniLM's tokenizer, saved like a
+    downloaded model: the captioning pipeline is tested, not caption quality."""
+    import torch
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from sora_train.codecs.text import minilm_path
+
+    out = tmp_path_factory.mktemp("vlm") / "tiny-llava"
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=16)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_seq_length=5,
+                                              image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                              vision_feature_select_strategy="full")).save_pretrained(out)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tok, patch_size=16, vision_feature_select_strategy="full", chat_template=TEMPLATE,
+                   num_additional_image_tokens=1).save_pretrained(out)
+    return out
+
+
+def test_sora_caption_captions_resumes_lists_failures_and_feeds_the_encoder(tiny_vlm, tmp_path):
+    from data_tools.caption import run
+    from data_tools.encode import EncodePolicy, run as encode
+    from data_tools.synthetic import generate
+
+    captions = generate(tmp_path / "raw", 5, seed=6, min_size=32, max_size=48, min_frames=4, max_frames=6)
+    with open(captions, "a") as f:
+        f.write(json.dumps({"path": "videos/gone.mp4", "caption": "missing"}) + "\n{not json\n")
+    out = tmp_path / "long" / "captions.jsonl"
+    assert run(str(captions), str(out), str(tiny_vlm), frames=2, batch=2, max_new_tokens=6, lines_per_part=3,
+               num_tasks=2, task_index=0) is None  # task 1's part is missing: no output yet
+    assert run(str(captions), str(out), str(tiny_vlm), frames=2, batch=2, max_new_tokens=6, lines_per_part=3,
+               num_tasks=2, task_index=1) == out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    originals = [json.loads(line) for line in captions.read_text().splitlines()[:6]]
+    assert [r["caption"] for r in rows] == [r["caption"] for r in originals]  # every readable line, in order
+    assert all(r["caption_long"] and r["captioner"] == "tiny-llava" for r in rows[:5]) and "caption_long" not in rows[5]
+    failures = [json.loads(line) for line in (tmp_path / "long" / "captions.failures.jsonl").read_text().splitlines()]
+    assert {f["line"] for f in failures} == {f"{captions}:6", f"{captions}:7"}
+    # A rerun skips finished parts; a lost part is redone the same (greedy decoding).
+    part0, part1 = (Path(str(out) + ".parts") / f"part-{i:06d}.jsonl" for i in range(2))
+    stamp, first = part0.stat().st_mtime_ns, out.read_text()
+    part1.unlink()
+    run(str(captions), str(out), str(tiny_vlm), frames=2, batch=3, max_new_tokens=6, lines_per_part=3)
+    assert part0.stat().st_mtime_ns == stamp and out.read_text() == first
+    with pytest.raises(ValueError, match="other frames"):
+        run(str(captions), str(out), str(tiny_vlm), frames=3, batch=2, max_new_tokens=6, lines_per_part=3)
+    # The encoder embeds both captions (paths in the output are relative to it).
+    policy = EncodePolicy(max_pixels=32 * 32, max_frames=4, min_frames=1, caption_keys=("caption", "caption_long"))
+    manifest = json.loads(encode(str(out), str(tmp_path / "shards"), {"kind": "pixel"}, None, policy,
+                                 progress=False).read_text())
+    assert manifest["samples"] == 5 and manifest["failures"] == 1  # the missing clip
