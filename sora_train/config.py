@@ -125,6 +125,8 @@ class SampleConfig:
     context_frames: int = 4  # frames of `video` given (its last ones forwards, its first ones backwards)
     first: Optional[str] = None  # connect two clips: `first` (image or video: its last frame) opens the output,
     last: Optional[str] = None  # `last` (its first frame) closes it
+    upsample: Optional[str] = None  # a local language model that rewrites each prompt in the captions' detailed style
+    upsample_max_new_tokens: int = 160
 
 
 @dataclass

@@ -140,3 +140,33 @@ def test_sora_caption_captions_resumes_lists_failures_and_feeds_the_encoder(tiny
     manifest = json.loads(encode(str(out), str(tmp_path / "shards"), {"kind": "pixel"}, None, policy,
                                  progress=False).read_text())
     assert manifest["samples"] == 5 and manifest["failures"] == 1  # the missing clip
+
+
+def test_sora_sample_upsamples_each_prompt_and_records_both(straight_run, tmp_path):
+    """`upsample=<local LLM>`: a tiny random Llama rewrites the prompt (garbage words: the plumbing is tested);
+    the rewrite is printed and recorded beside the prompt, the video keeps the prompt's name."""
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sora_train.codecs.text import minilm_path
+    from sora_train.config import SampleConfig
+    from sora_train.inference.sample import run
+
+    llm = tmp_path / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.sep_token_id)).save_pretrained(llm)
+    tok.save_pretrained(llm)
+    cfg = OmegaConf.structured(SampleConfig(checkpoint=str(straight_run / "checkpoints"), out_dir=str(tmp_path / "v"),
+                                            prompts=["a red square", "a blue heart"], frames=4, height=32, width=32,
+                                            steps=2, upsample=str(llm), upsample_max_new_tokens=8, device="cpu"))
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "v" / "prompts.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red square", "a blue heart"] and all(r["upsampled"] for r in rows)
+    assert rows[0]["upsampled"] != "a red square" and rows[0]["upsampler"] == "tiny-llama"
+    assert (tmp_path / "v" / "00_a_red_square.mp4").stat().st_size > 0

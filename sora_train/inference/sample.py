@@ -3,6 +3,7 @@ connect) -> mp4 and gif files on one device."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -54,9 +55,19 @@ def given_frames(cfg, pipe) -> GivenFrames | None:
 
 def run(cfg) -> list[Path]:
     pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device, cfg.text_encoder)
-    videos = pipe.generate(list(cfg.prompts), cfg.frames, cfg.height, cfg.width, cfg.steps, cfg.guidance, cfg.sampler,
-                           cfg.seed, given_frames(cfg, pipe))
-    gifs = write_videos(Path(cfg.out_dir), list(cfg.prompts), videos, cfg.fps)
+    prompts = list(cfg.prompts)
+    if cfg.upsample:  # the files keep the user's prompts' names; prompts.jsonl records both
+        from .upsample import upsample
+
+        rewritten = upsample(prompts, cfg.upsample, max_new_tokens=cfg.upsample_max_new_tokens)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(cfg.out_dir) / "prompts.jsonl", "w") as f:
+            for p, r in zip(prompts, rewritten):
+                print(f"prompt: {p}\n  upsampled: {r}")
+                f.write(json.dumps({"prompt": p, "upsampled": r, "upsampler": Path(cfg.upsample).name}) + "\n")
+    videos = pipe.generate(rewritten if cfg.upsample else prompts, cfg.frames, cfg.height, cfg.width, cfg.steps,
+                           cfg.guidance, cfg.sampler, cfg.seed, given_frames(cfg, pipe))
+    gifs = write_videos(Path(cfg.out_dir), prompts, videos, cfg.fps)
     for g in gifs:
         print(f"wrote {g.with_suffix('.mp4')} and {g}")
     return gifs
