@@ -17,13 +17,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from sora_train.synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES, ClipSpec, render
+from sora_train.synthetic_world import (BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, PLACES, SHAPES, SIZES, SPEEDS,
+                                        ClipSpec, render)
 from sora_train.video_io import write_mp4
 
 
 def random_spec(rng: random.Random, min_size=32, max_size=128, min_frames=4, max_frames=64,
                 max_aspect: float = 2.0, travel: float = 0.45, radius: tuple[float, float] = (0.16, 0.24),
-                heldout: bool = False) -> ClipSpec:
+                heldout: bool = False, detailed: bool = False) -> ClipSpec:
     pairs = [(c, s) for c, s in itertools.product(COLOURS, SHAPES) if ((c, s) in HELDOUT_PAIRS) == heldout]
     colour, shape = rng.choice(pairs)
     motion = rng.choice(MOTIONS)
@@ -34,11 +35,17 @@ def random_spec(rng: random.Random, min_size=32, max_size=128, min_frames=4, max
         width, height = long_side, max(min_size, int(long_side / aspect) // 8 * 8)
     else:
         height, width = long_side, max(min_size, int(long_side * aspect) // 8 * 8)
+    frames, fps, size = rng.randint(min_frames, max_frames), rng.choice((8, 12, 16, 24)), rng.uniform(*radius)
+    across = 0.5
+    if detailed:  # drawn after the others: without --detailed the clips are what they always were
+        size = rng.uniform(*SIZES[rng.choice(sorted(SIZES))])
+        travel = SPEEDS[rng.choice(sorted(SPEEDS))]
+        places = PLACES["vertical" if motion in ("up", "down") else "horizontal"]
+        across = places[rng.choice(sorted(places))] if motion != "beating" else 0.5
     a, b = 0.5 + travel / 2, 0.5 - travel / 2  # centred paths: the clip's middle frame has the shape in the middle
-    start = {"left": (a, 0.5), "right": (b, 0.5), "up": (0.5, a), "down": (0.5, b)}.get(motion, (0.5, 0.5))
-    return ClipSpec(colour, shape, motion, background, height, width,
-                    frames=rng.randint(min_frames, max_frames), fps=rng.choice((8, 12, 16, 24)),
-                    size=rng.uniform(*radius), start=start, travel=travel)
+    start = {"left": (a, across), "right": (b, across), "up": (across, a), "down": (across, b)}.get(motion, (0.5, 0.5))
+    return ClipSpec(colour, shape, motion, background, height, width, frames=frames, fps=fps, size=size, start=start,
+                    travel=travel)
 
 
 def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool = False, stills: bool = False,
@@ -58,7 +65,8 @@ def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool =
             else:
                 rel, caption = f"videos/clip_{i:06d}.mp4", spec.caption
                 write_mp4(out / rel, render(spec), spec.fps)
-            f.write(json.dumps({"path": rel, "caption": caption, "attributes": asdict(spec)}) + "\n")
+            long = {"caption_long": spec.detailed_caption} if ranges.get("detailed") else {}
+            f.write(json.dumps({"path": rel, "caption": caption, **long, "attributes": asdict(spec)}) + "\n")
     return captions
 
 
@@ -78,10 +86,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="shape radius range, as a fraction of the frame's shorter side")
     p.add_argument("--heldout", action="store_true", help="generate only the held-out (colour, shape) pairs")
     p.add_argument("--stills", action="store_true", help="write still images (png, a clip's middle frame) instead")
+    p.add_argument("--detailed", action="store_true",
+                   help="also vary size, speed and place, and write a detailed caption_long beside the short caption")
     a = p.parse_args(argv)
     path = generate(a.out, a.num_clips, a.seed, a.heldout, a.stills, min_size=a.min_size, max_size=a.max_size,
                     min_frames=a.min_frames, max_frames=a.max_frames, max_aspect=a.max_aspect, travel=a.travel,
-                    radius=tuple(a.radius))
+                    radius=tuple(a.radius), detailed=a.detailed)
     print(f"wrote {a.num_clips} clips and {path}")
 
 

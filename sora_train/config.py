@@ -147,6 +147,9 @@ class EvalConfig:
     # t2v: from the prompt alone; i2v: from the prompt and the first frame of the synthetic world's own clip;
     # extend: from its first half (frames // 2). i2v/extend report the seam and the text-only scores beside.
     task: str = "t2v"
+    # short: the prompts short captions make; detailed: with size, speed and place (what only detailed captions
+    # say); upsampled: short, reworded by the synthetic world's template upsampler.
+    prompts: str = "short"
 
 
 def register() -> None:

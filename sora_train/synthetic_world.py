@@ -24,6 +24,14 @@ MOTIONS = ("left", "right", "up", "down", "beating")
 # the model composes attributes rather than memorising captions.
 HELDOUT_PAIRS = frozenset({("red", "circle"), ("blue", "heart"), ("green", "triangle"), ("yellow", "square")})
 
+# What only a detailed caption says (sora-synth --detailed draws them; the short caption leaves them out): the
+# shape's size (radius range, fraction of the shorter side), its speed (share of the frame crossed in the clip)
+# and where across its path it runs (fraction of the perpendicular side).
+SIZES = {"small": (0.12, 0.16), "large": (0.25, 0.30)}
+SPEEDS = {"slowly": 0.25, "quickly": 0.6}
+PLACES = {"horizontal": {"in the upper part": 0.3, "in the middle": 0.5, "in the lower part": 0.7},
+          "vertical": {"on the left side": 0.3, "in the middle": 0.5, "on the right side": 0.7}}
+
 
 @dataclass(frozen=True)
 class ClipSpec:
@@ -47,6 +55,26 @@ class ClipSpec:
     @property
     def still_caption(self) -> str:
         return f"a {self.colour} {self.shape} on a {self.background} background"
+
+    @property
+    def size_word(self) -> str:
+        return "small" if self.size < 0.2 else "large"
+
+    @property
+    def speed_word(self) -> str | None:
+        return None if self.motion == "beating" else ("slowly" if self.travel < 0.4 else "quickly")
+
+    @property
+    def place_word(self) -> str:
+        axis = "vertical" if self.motion in ("up", "down") else "horizontal"
+        across = self.start[0] if axis == "vertical" else self.start[1]
+        return min(PLACES[axis], key=lambda w: abs(PLACES[axis][w] - across))
+
+    @property
+    def detailed_caption(self) -> str:
+        verb = "beating" if self.motion == "beating" else f"moving {self.motion} {self.speed_word}"
+        return (f"a {self.size_word} {self.colour} {self.shape} {verb} {self.place_word} of the frame, "
+                f"on a {self.background} background")
 
 
 def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

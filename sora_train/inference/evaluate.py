@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..synthetic_world import BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, SHAPES, ClipSpec, render
+from ..synthetic_world import (BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, PLACES, SHAPES, SIZES, SPEEDS, ClipSpec,
+                               render)
 
 COLOUR_NAMES = tuple(COLOURS)
 
@@ -36,6 +37,10 @@ class Analysis:
     motion: str | None
     shape: str | None
     foreground_fraction: float
+    # What only detailed captions say (synthetic_world: SIZES, SPEEDS, PLACES); speed None for a beating shape.
+    size: str | None = None
+    speed: str | None = None
+    place: str | None = None
 
 
 def foreground_masks(frames: np.ndarray) -> np.ndarray:
@@ -86,11 +91,32 @@ def analyse(frames: np.ndarray) -> Analysis:
         motion = "right" if dx > 0 else "left"
     else:
         motion = "down" if dy > 0 else "up"
-    return Analysis(colour, motion, classify_shape(masks[valid[0]]), frac)
+    h, w = masks.shape[1:]
+    # sqrt(area) / shorter side: ~1.4-1.8 x the radius whatever the shape; the sizes' radii are ~0.14 and ~0.27
+    extent = float(np.sqrt(area[valid].mean()) / min(h, w))
+    axis = "vertical" if motion in ("up", "down") else "horizontal"
+    across = float(cent[:, 1].mean() / w if axis == "vertical" else cent[:, 0].mean() / h)
+    travelled = abs(dy) / h if axis == "vertical" else abs(dx) / w
+    speed = None if motion == "beating" else ("slowly" if travelled < 0.42 else "quickly")
+    place = min(PLACES[axis], key=lambda p: abs(PLACES[axis][p] - across))
+    return Analysis(colour, motion, classify_shape(masks[valid[0]]), frac, "small" if extent < 0.31 else "large",
+                    speed, place)
 
 
-def eval_prompts(seed: int = 0, per_pair: int = 2) -> list[dict]:
-    """Held-out (colour, shape) pairs, each with several motions and backgrounds, plus as many seen pairs."""
+PROMPT_STYLES = ("short", "detailed", "upsampled")
+
+
+def upsample_synthetic(item: dict) -> str:
+    """A deterministic template upsampler for the synthetic world: the short prompt in the detailed captions'
+    wording, with nothing it does not know (no size, speed or place)."""
+    verb = "beating" if item["motion"] == "beating" else f"moving {item['motion']}"
+    return f"a {item['colour']} {item['shape']} {verb} in the frame, on a {item['background']} background"
+
+
+def eval_prompts(seed: int = 0, per_pair: int = 2, style: str = "short") -> list[dict]:
+    """Held-out (colour, shape) pairs, each with several motions and backgrounds, plus as many seen pairs. Each
+    also gets a size, speed and place (from a generator of their own: the short prompts stay what they were);
+    `style` words the prompt: short (what short captions say), detailed (all of it), upsampled (short, reworded)."""
     rng = random.Random(seed)
     seen = [p for p in itertools.product(COLOUR_NAMES, SHAPES) if p not in HELDOUT_PAIRS]
     pairs = [(p, True) for p in sorted(HELDOUT_PAIRS)] + [(p, False) for p in rng.sample(seen, len(HELDOUT_PAIRS))]
@@ -101,15 +127,31 @@ def eval_prompts(seed: int = 0, per_pair: int = 2) -> list[dict]:
             verb = "beating" if motion == "beating" else f"moving {motion}"
             out.append({"prompt": f"a {colour} {shape} {verb} on a {bg} background", "colour": colour, "shape": shape,
                         "motion": motion, "background": bg, "heldout_pair": held})
+    details = random.Random(seed + 7)
+    for it in out:
+        axis = "vertical" if it["motion"] in ("up", "down") else "horizontal"
+        it.update(size=details.choice(sorted(SIZES)), place=details.choice(sorted(PLACES[axis])),
+                  speed=None if it["motion"] == "beating" else details.choice(sorted(SPEEDS)))
+        if it["motion"] == "beating":
+            it["place"] = "in the middle"
+        if style == "detailed":
+            verb = "beating" if it["motion"] == "beating" else f"moving {it['motion']} {it['speed']}"
+            it["prompt"] = (f"a {it['size']} {it['colour']} {it['shape']} {verb} {it['place']} of the frame, on a "
+                            f"{it['background']} background")
+        elif style == "upsampled":
+            it["prompt"] = upsample_synthetic(it)
     return out
 
 
 def score(items: list[dict], analyses: list[Analysis]) -> dict:
     out = {}
-    for attr in ("colour", "motion", "shape"):
-        hits = [getattr(a, attr) == it[attr] for it, a in zip(items, analyses)]
+    for attr in ("colour", "motion", "shape", "size", "speed", "place"):
+        pairs = [(it, a) for it, a in zip(items, analyses) if it.get(attr) is not None]
+        if not pairs:
+            continue
+        hits = [getattr(a, attr) == it[attr] for it, a in pairs]
         out[attr] = float(np.mean(hits))
-        held = [h for h, it in zip(hits, items) if it["heldout_pair"]]
+        held = [h for h, (it, _) in zip(hits, pairs) if it["heldout_pair"]]
         out[f"{attr}_heldout"] = float(np.mean(held)) if held else None
     return out
 
@@ -154,11 +196,13 @@ def run(cfg) -> dict:
     if cfg.untrained:  # the same architecture at initialisation: the floor to compare against
         torch.manual_seed(0)
         pipe.forward = DiT(pipe.args).eval().to(pipe.device)
-    items = eval_prompts(cfg.seed, cfg.per_pair)
+    if cfg.prompts not in PROMPT_STYLES:
+        raise ValueError(f"prompts={cfg.prompts!r}: use {', '.join(PROMPT_STYLES)}")
+    items = eval_prompts(cfg.seed, cfg.per_pair, cfg.prompts)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(cfg.checkpoint), "untrained": cfg.untrained, "step": pipe.meta.get("step"),
-              "task": cfg.task, "sampler": sampler, "steps": cfg.steps, "prompts": len(items), "results": {}}
+              "task": cfg.task, "prompt_style": cfg.prompts, "sampler": sampler, "steps": cfg.steps, "prompts": len(items), "results": {}}
     given_n = {"t2v": 0, "i2v": 1, "extend": cfg.frames // 2}[cfg.task]
     for g in cfg.guidance:
         name = f"guidance_{g}"
