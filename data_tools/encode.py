@@ -128,6 +128,8 @@ class Clip:
 def clips_of(row: dict, info: VideoInfo, path: str, policy: EncodePolicy) -> list[Clip]:
     """The clips a captions row gives: its own `start`/`end` (seconds) if it has them, else the whole video; cut
     at shot changes (--scenes) and then into windows of --clip-seconds. Without either: one clip from the start."""
+    if not (policy.scenes or policy.clip_seconds or "start" in row or "end" in row):
+        return [Clip()]
     start, end = float(row.get("start") or 0.0), row.get("end")
     end = float(end) if end is not None else info.duration
     pieces = [Clip(start, end)]
@@ -138,8 +140,6 @@ def clips_of(row: dict, info: VideoInfo, path: str, policy: EncodePolicy) -> lis
         n = lambda c: max(1, math.ceil((c.end - c.start) / policy.clip_seconds - 1e-6))  # noqa: E731
         pieces = [Clip(c.start + k * policy.clip_seconds, min(c.end, c.start + (k + 1) * policy.clip_seconds))
                   for c in pieces for k in range(n(c))]
-    if not (policy.scenes or policy.clip_seconds or "start" in row or "end" in row):
-        return [Clip(0.0, None)]
     return pieces
 
 

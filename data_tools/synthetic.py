@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from sora_train.synthetic_world import (BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, PLACES, SHAPES, SIZES, SPEEDS,
-                                        ClipSpec, render)
+                                        ClipSpec, centred_start, render)
 from sora_train.video_io import write_mp4
 
 
@@ -42,10 +42,8 @@ def random_spec(rng: random.Random, min_size=32, max_size=128, min_frames=4, max
         travel = SPEEDS[rng.choice(sorted(SPEEDS))]
         places = PLACES["vertical" if motion in ("up", "down") else "horizontal"]
         across = places[rng.choice(sorted(places))] if motion != "beating" else 0.5
-    a, b = 0.5 + travel / 2, 0.5 - travel / 2  # centred paths: the clip's middle frame has the shape in the middle
-    start = {"left": (a, across), "right": (b, across), "up": (across, a), "down": (across, b)}.get(motion, (0.5, 0.5))
-    return ClipSpec(colour, shape, motion, background, height, width, frames=frames, fps=fps, size=size, start=start,
-                    travel=travel)
+    return ClipSpec(colour, shape, motion, background, height, width, frames=frames, fps=fps, size=size,
+                    start=centred_start(motion, travel, across), travel=travel)
 
 
 def generate(out_dir: str | Path, num_clips: int, seed: int = 0, heldout: bool = False, stills: bool = False,

@@ -77,6 +77,13 @@ class ClipSpec:
                 f"on a {self.background} background")
 
 
+def centred_start(motion: str, travel: float, across: float = 0.5) -> tuple[float, float]:
+    """Where a shape starts (fractions of width, height) so that its path is centred along the motion: the clip's
+    middle frame has it in the middle; `across` places the path on the other axis."""
+    a, b = 0.5 + travel / 2, 0.5 - travel / 2
+    return {"left": (a, across), "right": (b, across), "up": (across, a), "down": (across, b)}.get(motion, (0.5, 0.5))
+
+
 def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """u, v: coordinates in units of the radius, v pointing down. Returns a boolean mask."""
     if shape == "square":

@@ -24,7 +24,7 @@ from .diffusion import build_objective, draw_given, packed_loss, per_token, step
 from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
 from .engine.ema import EMA
 from .engine.metrics import MetricLogger, SampleIds, Throughput, describe_run
-from .engine.init_from import Parent, check_architecture, load_weights, start_stage
+from .engine.init_from import check_architecture, find_parent, lineage, load_weights, start_stage
 from .engine.nonfinite import NonFiniteSteps
 from .engine.optim import learning_rates, optimizer_step
 from .engine.preemption import StopRequested, exit_after_save
@@ -105,7 +105,7 @@ class Trainer:
         pred = self.engine(x_local.to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
                            text.to(self.device, self.dtype), batch.text_seg.to(self.device), extent=shard(batch.extent),
                            **kw)
-        tokens = batch.real_tokens if given is None else batch.real_tokens - int((given & (batch.seg > 0)).sum())
+        tokens = batch.real_tokens - (0 if given is None else int(given.sum()))  # given tokens are real ones
         loss_seg = seg if given is None else seg * ~kw["given"]
         loss, errors = packed_loss(self.objective, pred, x_local, shard(per_token(t, batch.seg)), shard(target),
                                    loss_seg, max(tokens, 1))
@@ -187,7 +187,7 @@ def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (the bench feeds synthetic rows); its
     position is then not checkpointed."""
     manifest = preflight(cfg, check_data=loader is None)  # refuses bad config before any process group or data work
-    parent = Parent.find(cfg.init_from.path) if cfg.init_from.path else None  # a stage: from another run's weights
+    parent = find_parent(cfg.init_from.path) if cfg.init_from.path else None  # a stage: from another run's weights
     changed = check_architecture(cfg, parent) if parent else []
     # One run per out_dir. The rank from the launcher's variables (torchrun or srun): no process group exists yet.
     lock = RunLock(cfg.out_dir).acquire() if dist_env.detect().rank == 0 else None
@@ -200,7 +200,7 @@ def build(cfg, loader=None) -> Trainer:
                              description={"config": to_container(cfg), "manifest": header})
     src, resharding = prepare_resume(cfg, ckpt, dims)
     parent = parent if src is None else None  # a stage resumes from its own checkpoints
-    ckpt.description["lineage"] = parent.lineage if parent else (ckpt.read_meta(src).get("lineage", []) if src else [])
+    ckpt.description["lineage"] = lineage(parent) if parent else (ckpt.read_meta(src).get("lineage", []) if src else [])
     args = model_args(cfg.model)
     engine = parallelize(lambda: DiT(args), cfg.parallel, cfg.optim, cfg.data.rows, dims, device,
                          load_universal=resharding,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def _open(path):
     return container
 
 
+@contextmanager
+def _reading(path):
+    """The open container; a decoder or I/O failure inside becomes a VideoReadError naming the file."""
+    try:
+        with _open(path) as container:
+            yield container
+    except VideoReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoReadError(f"{path}: {type(e).__name__}: {e}") from e
+
+
 def _seconds(pts: int, stream) -> float:
     """A timestamp in seconds from the stream's start, rounded so that the demuxer's and the decoder's agree."""
     return round((pts - (stream.start_time or 0)) * float(stream.time_base), 4)
@@ -71,24 +84,18 @@ def _rotation(stream) -> int:
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    try:
-        with _open(path) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-            pts = [p.pts for p in container.demux(stream) if p.size]
-            if pts and None not in pts and stream.time_base:
-                times = sorted(_seconds(p, stream) for p in pts)
-            else:  # no timestamps (raw streams): a constant rate
-                times = [i / (fps or 1.0) for i in range(len(pts))]
-            container.seek(0)
-            rotation = _rotation(stream)
-            sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
-            info = VideoInfo(fps, times, stream.codec_context.height, stream.codec_context.width, rotation,
-                             float(sar) if sar else 1.0)
-    except VideoReadError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoReadError(f"{path}: {type(e).__name__}: {e}") from e
+    with _reading(path) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        pts = [p.pts for p in container.demux(stream) if p.size]
+        if pts and None not in pts and stream.time_base:
+            times = sorted(_seconds(p, stream) for p in pts)
+        else:  # no timestamps (raw streams): a constant rate
+            times = [i / (fps or 1.0) for i in range(len(pts))]
+        container.seek(0)
+        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+        info = VideoInfo(fps, times, stream.codec_context.height, stream.codec_context.width, _rotation(stream),
+                         float(sar) if sar else 1.0)
     if not info.frames:
         raise VideoReadError(f"{path}: no video frames")
     return info
@@ -101,44 +108,38 @@ def read_frames(path: str | Path, indices: list[int], info: VideoInfo) -> np.nda
     wanted = sorted(set(indices))
     wanted_set, by_time = set(wanted), {info.frame_times[i]: i for i in wanted}
     out: dict[int, np.ndarray] = {}
-    try:
-        with _open(path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            start = info.frame_times[wanted[0]]
-            seek = wanted[0] > 0 and stream.time_base is not None
-            if seek:  # backward: to the keyframe at or before `start`; frames are then matched by timestamp
-                try:
-                    container.seek(int(start / float(stream.time_base)) + (stream.start_time or 0), stream=stream,
-                                   backward=True)
-                except av.FFmpegError:  # a format that cannot seek (some GIFs): decode from the start
-                    seek = False
-            n = -1
-            for frame in container.decode(stream):
-                n += 1
-                if seek:
-                    i = by_time.get(_seconds(frame.pts, stream)) if frame.pts is not None else None
-                else:  # from the first frame: by count (robust to odd timestamps)
-                    i = n if n in wanted_set else None
-                if i is not None and i not in out:
-                    out[i] = np.rot90(frame.to_ndarray(format="rgb24"), k=int(round(frame.rotation / 90)))
-                if len(out) == len(wanted) or (not seek and n >= wanted[-1]):
-                    break
-    except VideoReadError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoReadError(f"{path}: {type(e).__name__}: {e}") from e
+    with _reading(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        start = info.frame_times[wanted[0]]
+        seek = wanted[0] > 0 and stream.time_base is not None
+        if seek:  # backward: to the keyframe at or before `start`; frames are then matched by timestamp
+            try:
+                container.seek(int(start / float(stream.time_base)) + (stream.start_time or 0), stream=stream,
+                               backward=True)
+            except av.FFmpegError:  # a format that cannot seek (some GIFs): decode from the start
+                seek = False
+        for n, frame in enumerate(container.decode(stream)):
+            if seek:
+                i = by_time.get(_seconds(frame.pts, stream)) if frame.pts is not None else None
+            else:  # from the first frame: by count (robust to odd timestamps)
+                i = n if n in wanted_set else None
+            if i is not None and i not in out:
+                out[i] = np.rot90(frame.to_ndarray(format="rgb24"), k=int(round(frame.rotation / 90)))
+            if len(out) == len(wanted) or (not seek and n >= wanted[-1]):
+                break
     if not out:
         raise VideoReadError(f"{path}: no decodable frames")
     kept = [out[i] for i in wanted if i in out]  # a damaged tail: what decoded
     return np.ascontiguousarray(np.stack(kept))
 
 
-def read_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """Decode every frame, upright. Returns (frames uint8 [T,H,W,3], fps). For short clips and tests: the encoder
-    reads what it keeps (read_frames)."""
+def read_video(path: str | Path, first: int | None = None, last: int | None = None) -> tuple[np.ndarray, float]:
+    """Every frame (or only the `first` n / the `last` n), upright. Returns (frames uint8 [T,H,W,3], fps)."""
     info = probe_video(path)
-    return read_frames(path, list(range(info.frames)), info), info.fps
+    indices = list(range(info.frames))
+    indices = indices[:first] if first is not None else indices[-last:] if last is not None else indices
+    return read_frames(path, indices, info), info.fps
 
 
 def scene_cuts(path: str | Path, threshold: float = 10.0, width: int = 160) -> list[float]:
@@ -147,28 +148,22 @@ def scene_cuts(path: str | Path, threshold: float = 10.0, width: int = 160) -> l
     to `width` pixels wide. Chosen over PySceneDetect: the same kind of content detector, already inside the
     FFmpeg that PyAV ships (no OpenCV dependency), and it runs in C inside the decode pass."""
     cuts = []
-    try:
-        with _open(path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            graph = av.filter.Graph()
-            nodes = [graph.add_buffer(template=stream), graph.add("scale", f"{width}:-2"),
-                     graph.add("scdet", f"threshold={threshold}"), graph.add("buffersink")]
-            graph.link_nodes(*nodes).configure()
-            first = stream.start_time or 0
-            for frame in container.decode(stream):
-                graph.push(frame)
-                while True:
-                    try:
-                        out = graph.pull()
-                    except (av.BlockingIOError, av.EOFError):
-                        break
-                    if "lavfi.scd.time" in out.metadata and out.pts is not None:
-                        cuts.append(round((out.pts - first) * float(stream.time_base), 4))
-    except VideoReadError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoReadError(f"{path}: {type(e).__name__}: {e}") from e
+    with _reading(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        graph = av.filter.Graph()
+        nodes = [graph.add_buffer(template=stream), graph.add("scale", f"{width}:-2"),
+                 graph.add("scdet", f"threshold={threshold}"), graph.add("buffersink")]
+        graph.link_nodes(*nodes).configure()
+        for frame in container.decode(stream):
+            graph.push(frame)
+            while True:
+                try:
+                    out = graph.pull()
+                except (av.BlockingIOError, av.EOFError):
+                    break
+                if "lavfi.scd.time" in out.metadata and out.pts is not None:
+                    cuts.append(_seconds(out.pts, stream))
     return cuts
 
 

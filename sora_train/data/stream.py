@@ -198,8 +198,7 @@ class PackedStream(IterableDataset):
         if not self.spec.caption_mix:
             return "text.npy", "txt"
         names, shares = zip(*self.spec.caption_mix)
-        u = np.random.default_rng([self.spec.seed, *sid, 3]).random() * sum(shares)
-        key = names[min(int(np.searchsorted(np.cumsum(shares), u, side="right")), len(names) - 1)]
+        key = names[np.random.default_rng([self.spec.seed, *sid, 3]).choice(len(names), p=np.divide(shares, sum(shares)))]
         return (f"text_{key}.npy", f"{key}.txt") if f"text_{key}.npy" in raw else ("text.npy", "txt")
 
     def make_item(self, sid, raw: dict, source=None) -> Item:

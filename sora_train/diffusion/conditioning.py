@@ -63,19 +63,17 @@ def draw_given(cfg: ConditionConfig, pos: torch.Tensor, seg: torch.Tensor, grids
                generator: torch.Generator) -> torch.Tensor:
     """[R,S] bool: the tokens given clean, per packed sample drawn from `cfg` (samples of one latent frame are
     never conditioned). pos [R,S,3] (t,h,w) in patch units, seg [R,S], grids [R,M,3]."""
-    given = torch.zeros(seg.shape, dtype=torch.bool)
+    R, M = grids.shape[:2]
+    chosen = torch.zeros(R, M + 1, max(int(grids[..., 0].max()), 1), dtype=torch.bool)  # [row, slot, frame]
     edges = torch.tensor([getattr(cfg, kind) for kind in KINDS]).cumsum(0)
-    for r in range(grids.shape[0]):
-        for j in range(grids.shape[1]):
+    for r in range(R):
+        for j in range(M):
             frames = int(grids[r, j, 0])
             if frames == 0:
                 break
             u = float(torch.rand(1, generator=generator))  # drawn for every sample: the stream of draws is fixed
             pick = int((u >= edges).sum())
-            if frames < 2 or pick >= len(KINDS):
-                continue
-            chosen = given_frames(KINDS[pick], frames, cfg.k, generator)
-            if chosen:
-                mine = seg[r] == j + 1
-                given[r] |= mine & torch.isin(pos[r, :, 0], torch.tensor(chosen))
-    return given
+            if frames >= 2 and pick < len(KINDS):
+                chosen[r, j + 1, given_frames(KINDS[pick], frames, cfg.k, generator)] = True
+    # Each token looks up its own sample slot and frame (slot 0, padding, has none given).
+    return chosen[torch.arange(R)[:, None], seg, pos[..., 0].clamp(max=chosen.shape[2] - 1)]

@@ -10,6 +10,7 @@ Without ZeRO-3 every rank holds whole parameters and rank 0's copy is the one sa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,12 +63,12 @@ class EMA:
         if set(old["params"]) != set(self.shadow):
             raise ValueError(f"EMA in {d} has other parameters than the model")
         files = [safe_open(str(d / f"rank{r:05d}.safetensors"), "pt") for r in range(old["world"])]
-        self.load_full(_Concat(files, old["params"]))
+        self.load_full(lambda n: torch.cat([f.get_tensor(n).flatten() for f in files])[: old["params"][n]["numel"]])
 
-    def load_full(self, full) -> None:
-        """From whole tensors by name (a mapping; flattened or shaped): each rank keeps its own shard."""
+    def load_full(self, get: Callable[[str], torch.Tensor]) -> None:
+        """From whole tensors, `get(name)` one at a time (flattened or shaped): each rank keeps its own shard."""
         for n, shard in self.shadow.items():
-            flat = full[n].flatten().float()
+            flat = get(n).flatten().float()
             if self.partitioned:
                 P = shard.numel()
                 piece = flat[self.rank * P : (self.rank + 1) * P]
@@ -87,14 +88,3 @@ class EMA:
             else:
                 out[n] = shard.clone()
         return out
-
-
-class _Concat(dict):
-    """The saved shards of each parameter, concatenated when asked (one parameter in memory at a time)."""
-
-    def __init__(self, files, params: dict):
-        super().__init__()
-        self.files, self.params = files, params
-
-    def __getitem__(self, n):
-        return torch.cat([f.get_tensor(n).flatten() for f in self.files])[: self.params[n]["numel"]]

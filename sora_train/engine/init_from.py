@@ -10,77 +10,28 @@ attention backend, positional encodings without weights, ...) may differ and are
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..config import model_args, saved_model_config, to_container
+from ..inference.export import SavedWeights
 from ..models import DiT
 from ..preflight import ConfigError
-from .checkpoint import find_latest, is_complete
 
 
-@dataclass
-class Parent:
-    path: Path  # an export dir or a complete step dir
-    meta: dict
-    is_export: bool
-
-    @classmethod
-    def find(cls, path: str | Path) -> "Parent":
-        path = Path(path)
-        if (path / "model.safetensors").exists():
-            return cls(path, json.loads((path / "meta.json").read_text()), True)
-        step_dir = path if is_complete(path) else find_latest(path)
-        if step_dir is None:
-            raise ConfigError(f"init_from.path={str(path)!r}: no export (model.safetensors) and no complete "
-                              f"checkpoint there")
-        return cls(step_dir, json.loads((step_dir / "meta.json").read_text()), False)
-
-    @property
-    def lineage(self) -> list[dict]:
-        """This parent, then its own ancestors: where a stage's weights came from."""
-        cfg = self.meta.get("config", {})
-        return [{"init_from": str(self.path), "step": self.meta.get("step"), "out_dir": cfg.get("out_dir"),
-                 "wandb_id": self.meta.get("wandb_id")}, *self.meta.get("lineage", [])]
-
-    def model_state(self) -> dict[str, torch.Tensor]:
-        """The parent's fp32 model weights (an export's lazily, tensor by tensor)."""
-        if self.is_export:
-            f = safe_open(str(self.path / "model.safetensors"), "pt")
-            return LazyState(f)
-        from ..inference.export import fp32_weights
-
-        return fp32_weights(self.path)
-
-    def load_ema(self, ema) -> bool:
-        """The parent's EMA into `ema` (any world size); False when the parent has none."""
-        if self.is_export:
-            if not (self.path / "ema.safetensors").exists():
-                return False
-            ema.load_full(LazyState(safe_open(str(self.path / "ema.safetensors"), "pt")))
-            return True
-        if not (self.path / "ema" / "layout.json").exists():
-            return False
-        ema.load(self.path)
-        return True
+def find_parent(path: str | Path) -> SavedWeights:
+    try:
+        return SavedWeights.find(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"init_from.path: {e}") from e
 
 
-class LazyState(dict):
-    """A safetensors file as a read-only mapping that reads a tensor when asked (bounded host memory)."""
-
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def __getitem__(self, name):
-        return self.f.get_tensor(name)
-
-    def keys(self):
-        return self.f.keys()
+def lineage(parent: SavedWeights) -> list[dict]:
+    """The parent, then its own ancestors: where a stage's weights came from."""
+    cfg = parent.meta.get("config", {})
+    return [{"init_from": str(parent.path), "step": parent.meta.get("step"), "out_dir": cfg.get("out_dir"),
+             "wandb_id": parent.meta.get("wandb_id")}, *parent.meta.get("lineage", [])]
 
 
 def shapes(args) -> dict[str, tuple[int, ...]]:
@@ -88,7 +39,7 @@ def shapes(args) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in DiT(args).named_parameters()}
 
 
-def check_architecture(cfg, parent: Parent) -> list[str]:
+def check_architecture(cfg, parent: SavedWeights) -> list[str]:
     """Refuses a model whose parameters differ from the parent's; returns the model keys that differ anyway."""
     old = to_container(saved_model_config(parent.meta["config"]["model"]))
     new = to_container(cfg.model)
@@ -103,21 +54,21 @@ def check_architecture(cfg, parent: Parent) -> list[str]:
     return differ
 
 
-def load_weights(module: torch.nn.Module, parent: Parent, rank: int) -> None:
+def load_weights(module: torch.nn.Module, parent: SavedWeights, rank: int) -> None:
     """Copies the parent's weights into `module` before the optimizer is built (its fp32 masters are then these).
     Under ZeRO-3 each parameter is gathered, written by rank 0 (which alone reads the parent) and re-partitioned."""
     params = dict(module.named_parameters())
     if any(hasattr(p, "ds_tensor") for p in params.values()):
         import deepspeed
 
-        state = parent.model_state() if rank == 0 else None
+        state = parent.model() if rank == 0 else None
         for name, p in params.items():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if rank == 0:
                     with torch.no_grad():
                         p.copy_(state[name].to(p.dtype))
         return
-    state = parent.model_state()
+    state = parent.model()
     missing = sorted(set(params) - set(state.keys()))
     if missing:
         raise ConfigError(f"init_from.path={str(parent.path)!r} has no weights for {missing[:3]}")
@@ -126,10 +77,14 @@ def load_weights(module: torch.nn.Module, parent: Parent, rank: int) -> None:
             p.copy_(state[name].to(p.dtype))
 
 
-def start_stage(cfg, parent: Parent, engine, ema, changed: list[str], dims) -> None:
+def start_stage(cfg, parent: SavedWeights, engine, ema, changed: list[str], dims) -> None:
     """After the engine is built with the parent's weights: the parent's EMA, its optimizer state when asked, and
     a line saying where the stage starts from."""
-    from_ema = ema is not None and parent.load_ema(ema)
+    from_ema = ema is not None and parent.has_ema
+    if from_ema and parent.is_export:
+        ema.load_full(parent.ema().__getitem__)
+    elif from_ema:  # a checkpoint's per-rank shards, from any world size
+        ema.load(parent.path)
     if cfg.init_from.optimizer:
         old = parent.meta["config"]
         problem = ("it is an export (no optimizer state)" if parent.is_export else

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..synthetic_world import (BACKGROUNDS, COLOURS, HELDOUT_PAIRS, MOTIONS, PLACES, SHAPES, SIZES, SPEEDS, ClipSpec,
-                               render)
+                               centred_start, render)
 
 COLOUR_NAMES = tuple(COLOURS)
 
@@ -170,10 +170,8 @@ TASKS = ("t2v", "i2v", "extend")
 
 def reference_clip(item: dict, frames: int, height: int, width: int) -> np.ndarray:
     """The synthetic world's own clip for an eval prompt: its first frame(s) are the given ones of i2v/extend."""
-    travel, a, b = 0.45, 0.5 + 0.45 / 2, 0.5 - 0.45 / 2
-    start = {"left": (a, 0.5), "right": (b, 0.5), "up": (0.5, a), "down": (0.5, b)}.get(item["motion"], (0.5, 0.5))
     return render(ClipSpec(item["colour"], item["shape"], item["motion"], item["background"], height, width, frames,
-                           8, 0.2, start, travel))
+                           8, 0.2, centred_start(item["motion"], 0.45), 0.45))
 
 
 def seam(video: np.ndarray, real: np.ndarray, given: int) -> float:

@@ -10,13 +10,46 @@ import argparse
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..engine.checkpoint import find_latest, is_complete
+
+
+@dataclass
+class SavedWeights:
+    """A run's weights on disk: an export dir (model.safetensors, ema.safetensors, meta.json) or a complete
+    checkpoint step dir (given, or the latest in a checkpoints dir), with its meta.json."""
+
+    path: Path
+    meta: dict
+    is_export: bool
+
+    @classmethod
+    def find(cls, path: str | Path) -> "SavedWeights":
+        path = Path(path)
+        if (path / "model.safetensors").exists():
+            return cls(path, json.loads((path / "meta.json").read_text()), True)
+        step_dir = path if is_complete(path) else find_latest(path)
+        if step_dir is None:
+            raise FileNotFoundError(f"{path}: no export (model.safetensors) and no complete checkpoint found")
+        return cls(step_dir, json.loads((step_dir / "meta.json").read_text()), False)
+
+    @property
+    def has_ema(self) -> bool:
+        return (self.path / ("ema.safetensors" if self.is_export else "ema/layout.json")).exists()
+
+    def model(self) -> dict[str, torch.Tensor]:
+        """The fp32 model weights."""
+        return load_file(str(self.path / "model.safetensors")) if self.is_export else fp32_weights(self.path)
+
+    def ema(self) -> dict[str, torch.Tensor]:
+        """The consolidated EMA weights (has_ema first)."""
+        return load_file(str(self.path / "ema.safetensors")) if self.is_export else consolidated_ema(self.path)
 
 
 def consolidated_ema(step_dir: Path) -> dict[str, torch.Tensor]:

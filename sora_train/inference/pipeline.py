@@ -4,7 +4,6 @@ the dataset manifest; each built once, at first use)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from ..codecs import codec_from_manifest_name
 from ..config import model_args, saved_model_config
 from ..diffusion import DDPMConfig, DiffusionConfig, FlowConfig, build_objective, check_sampler
-from ..engine.checkpoint import find_latest, is_complete
 from ..models import DiT, DiTArgs
+from .export import SavedWeights
 from .generate import GivenFrames, generate_latents, latent_grid, to_frames
 
 
@@ -28,24 +26,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(path: str | Path, use_ema: bool = True) -> tuple[DiT, dict]:
-    """An export dir (model.safetensors, ema.safetensors, meta.json) or a checkpoint (step dir or its parent)."""
-    path = Path(path)
-    if (path / "model.safetensors").exists():
-        meta = json.loads((path / "meta.json").read_text())
-        weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").exists() else "model.safetensors")
-        state = load_file(str(weights))
-    else:
-        step_dir = path if is_complete(path) else find_latest(path)
-        if step_dir is None:
-            raise FileNotFoundError(f"{path}: no export and no complete checkpoint found")
-        from .export import consolidated_ema, fp32_weights
-
-        meta = json.loads((step_dir / "meta.json").read_text())
-        use_ema = use_ema and (step_dir / "ema" / "layout.json").exists()
-        state = consolidated_ema(step_dir) if use_ema else fp32_weights(step_dir)
-    model = DiT(model_args(saved_model_config(meta["config"]["model"])))
+    """An export dir or a checkpoint (a step dir or a checkpoints dir: its latest) -> the DiT in eval mode, its meta.
+    use_ema: the EMA weights where there are any."""
+    saved = SavedWeights.find(path)
+    state = saved.ema() if use_ema and saved.has_ema else saved.model()
+    model = DiT(model_args(saved_model_config(saved.meta["config"]["model"])))
     model.load_state_dict(state, strict=True)
-    return model.eval(), meta
+    return model.eval(), saved.meta
 
 
 def diffusion_from_meta(meta: dict) -> DiffusionConfig:

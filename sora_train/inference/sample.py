@@ -22,13 +22,13 @@ register()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def read_frames_of(path: str) -> np.ndarray:
-    """An image (one frame) or a video, uint8 [T,H,W,3]."""
+def read_frames_of(path: str, first: int | None = None, last: int | None = None) -> np.ndarray:
+    """An image (one frame) or a video's frames (only its `first` n or `last` n, decoding no more), uint8 [T,H,W,3]."""
     if Path(path).suffix.lower() in IMAGE_SUFFIXES:
         from PIL import Image
 
         return np.asarray(Image.open(path).convert("RGB"))[None]
-    return read_video(path)[0]
+    return read_video(path, first, last)[0]
 
 
 def given_frames(cfg, pipe) -> GivenFrames | None:
@@ -40,16 +40,18 @@ def given_frames(cfg, pipe) -> GivenFrames | None:
         raise ValueError(f"give one of image=, video= or first=/last=, not {' and '.join(k + '=' for k in asked)}")
     first = last = None
     if cfg.image:
-        first = read_frames_of(cfg.image)[:1]
+        first = read_frames_of(cfg.image, first=1)
     if cfg.video:
         if cfg.extend not in ("forward", "backward"):
             raise ValueError(f"extend={cfg.extend!r}: use forward or backward")
-        clip = read_frames_of(cfg.video)
-        first, last = (clip[-cfg.context_frames :], None) if cfg.extend == "forward" else (None, clip[: cfg.context_frames])
+        if cfg.extend == "forward":  # the clip's end opens the output
+            first = read_frames_of(cfg.video, last=cfg.context_frames)
+        else:  # its start closes it
+            last = read_frames_of(cfg.video, first=cfg.context_frames)
     if cfg.first:
-        first = read_frames_of(cfg.first)[-1:]
+        first = read_frames_of(cfg.first, last=1)
     if cfg.last:
-        last = read_frames_of(cfg.last)[:1]
+        last = read_frames_of(cfg.last, first=1)
     return pipe.given_frames(cfg.frames, cfg.height, cfg.width, first, last)
 
 
