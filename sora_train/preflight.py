@@ -75,7 +75,7 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
         raise ConfigError(str(e)) from e
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     try:
-        check_degrees(world, cfg.parallel.sp, cfg.model.heads, cfg.data.seq_len)
+        check_degrees(world, cfg.parallel.sp, cfg.model.heads, cfg.data.seq_len, cfg.parallel.ring)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if cfg.data.max_per_row > cfg.model.max_segments:

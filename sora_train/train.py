@@ -191,7 +191,7 @@ def build(cfg, loader=None) -> Trainer:
     changed = check_architecture(cfg, parent) if parent else []
     # One run per out_dir. The rank from the launcher's variables (torchrun or srun): no process group exists yet.
     lock = RunLock(cfg.out_dir).acquire() if dist_env.detect().rank == 0 else None
-    dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s)
+    dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cfg.parallel.ring)
     device = torch.device(f"cuda:{dims.local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     torch.manual_seed(cfg.seed)
     header = None if manifest is None else {k: v for k, v in manifest.items() if k != "shards"}

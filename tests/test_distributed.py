@@ -5,7 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from sora_train import CONF_DIR
+from sora_train.config import register
+from sora_train.data import PackedLoader, StreamSpec
 from distributed import RESUMABLE, ROOT, step_losses, tiny_model, torchrun
 
 DRIVER = str(ROOT / "tests" / "dist" / "driver.py")
@@ -37,8 +41,10 @@ def runs(dataset, tmp_path_factory):
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
         **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1"], muon_dp2=[*five, "optim.grad_accum=1", *muon],
                 sp2=[*three, "parallel.sp=2"], sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
-                sp2_cond=[*three, "parallel.sp=2", *cond]),
-        **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"]),
+                sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"]),
+        **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"],
+                usp=[*three, "parallel.sp=4", "parallel.ring=2"],
+                dp2ring2=[*five, "optim.grad_accum=1", "parallel.sp=2", "parallel.ring=2"]),
     }
 
 
@@ -99,6 +105,39 @@ def test_sequence_parallel_at_stage0_clips_and_matches_sp1(runs):
     assert_close(b["grad_norm"], a["grad_norm"])
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["ring2", "usp"])
+def test_context_parallel_ring_and_ulysses_x_ring_match_sp1(runs, layout):
+    """ring=2 (keys and values gathered across 2 ranks) and ulysses=2 x ring=2 on 4 processes: the same losses and
+    every gradient element as one process. The tiny rows (256 tokens, samples of up to 252) straddle every
+    chunk boundary (test_packed_rows_straddle_the_sequence_parallel_chunks)."""
+    a, b = runs["single_ga1"], runs[layout]
+    assert_close(b["loss"], a["loss"])
+    assert_close(b["grad_norm"], a["grad_norm"])
+    for name in a["grads_step1"]:
+        assert_close(b["grads_step1"][name], a["grads_step1"][name], atol=1e-7)
+    for name in a["params"]:
+        assert_close(b["params"][name], a["params"][name], atol=1e-6)
+
+
+def test_dp2_x_ring2_on_4_processes_matches_one_process(runs):
+    a, b = runs["single_ga2"], runs["dp2ring2"]
+    assert_close(b["loss"], a["loss"])
+    assert_close(b["grad_norm"], a["grad_norm"])
+    for name in a["params"]:
+        assert_close(b["params"][name], a["params"][name], atol=1e-6)
+
+
+def test_packed_rows_straddle_the_sequence_parallel_chunks(dataset):
+    """The equivalence tests above mean something only if samples cross the SP=4 chunk boundaries."""
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=tiny_model(dataset / "shards", dataset / "unused"))
+    batch = next(iter(PackedLoader(cfg.data.train, StreamSpec.of(cfg.data, cfg.model, caption_dropout=0.0))))
+    seg, chunk = batch.seg, cfg.data.seq_len // 4
+    crossing = [(seg[:, i * chunk - 1] == seg[:, i * chunk]) & (seg[:, i * chunk] > 0) for i in (1, 2, 3)]
+    assert all(c.any() for c in crossing)
 
 
 def test_dp2_x_sp2_on_4_processes_matches_one_process(runs):
@@ -329,3 +368,14 @@ def test_3b_preset_builds_under_zero3_in_under_half_the_model_per_rank(tmp_path)
         assert r["held"] * 4 == pytest.approx(r["total"], rel=1e-3), r  # a quarter each (padding aside)
         assert r["peak_after"] < full_bytes / 2, (r, full_bytes)
         assert r["closed"] is True, r
+
+
+def test_context_parallel_key_window_is_the_smallest_that_holds_every_query_segment():
+    from sora_train.parallel.context import key_window
+
+    row = torch.tensor([[1, 1, 1, 2, 2, 2, 3, 3, 0, 0]])
+    assert key_window(torch.tensor([[2, 2, 3]]), row) == (3, 8)  # a block of row positions 4..6
+    assert key_window(torch.tensor([[3, 0, 0]]), row) == (6, 10)  # the last block: its padding sees padding
+    assert key_window(torch.tensor([[1, 1, 1]]), row) == (0, 3)
+    two = torch.cat([row, torch.tensor([[1, 2, 2, 2, 2, 2, 2, 2, 2, 2]])])
+    assert key_window(torch.tensor([[1, 1, 1], [2, 2, 2]]), two) == (0, 10)  # rows share the union of windows

@@ -140,6 +140,9 @@ def compose(*overrides):
 @pytest.mark.parametrize("override,message", [
     (["parallel.sp=4", "model.heads=6"], r"parallel.sp=4 does not divide model.heads=6"),
     (["parallel.sp=2", "data.seq_len=1001"], r"data.seq_len=1001 is not divisible by parallel.sp=2"),
+    (["parallel.sp=4", "parallel.ring=3"], r"parallel.ring=3 does not divide parallel.sp=4"),
+    (["parallel.sp=4", "parallel.ring=2", "model.heads=5", "model.dim=80"],
+     r"Ulysses degree parallel.sp/parallel.ring=2 does not divide model.heads=5"),
     (["model.in_channels=16"], r"latent channels.*model.in_channels=16"),
     (["model.text_dim=768"], r"text width.*model.text_dim=768"),
     (["model.patch_size=[1,4,4]"], r"patch size"),
@@ -184,6 +187,21 @@ def test_the_readmes_quickstart_overrides_compose_and_pass_preflight(dataset, tm
         preflight(cfg)
         for key, value in (o.split("=", 1) for o in overrides):
             assert str(OmegaConf.select(cfg, key)) == value, (key, value)
+
+
+def test_ring_takes_sequence_parallelism_past_the_head_count(dataset, tmp_path):
+    from sora_train.preflight import preflight
+
+    cfg = compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}", "parallel.sp=4", "parallel.ring=2",
+                  "model.heads=2", "model.dim=64")
+    os.environ["WORLD_SIZE"] = "4"
+    try:
+        preflight(cfg)  # Ulysses 2 divides the 2 heads; sp=4 alone would not
+        with pytest.raises(Exception, match="parallel.sp=4 does not divide model.heads=2"):
+            preflight(compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}", "parallel.sp=4",
+                              "model.heads=2", "model.dim=64"))
+    finally:
+        os.environ.pop("WORLD_SIZE")
 
 
 def test_sp_must_divide_the_world_size(dataset, tmp_path):

@@ -1,4 +1,5 @@
-"""Parallelism applied to a plain DiT from outside, in one ordered function: Ulysses -> activation
+"""Parallelism applied to a plain DiT from outside, in one ordered function: context parallelism (ring, then
+Ulysses around it) -> activation
 checkpointing -> compile (when asked) -> the DeepSpeed engine (ZeRO). Under ZeRO-3 the model is built inside
 `deepspeed.zero.Init`, so no rank ever holds the whole model on its host."""
 
@@ -12,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .deepspeed_config import ParallelConfig, deepspeed_config, use_bf16
 from .dims import ParallelConfigError, ParallelDims, SequenceParallelMPU, check_degrees, init_distributed
+from .context import ContextParallelAttention
 from .ulysses import UlyssesAttention, gather_sequence, shard_sequence
 
 
@@ -24,8 +26,12 @@ def checkpoint_module(module: nn.Module) -> None:
 
 def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointing: bool,
                     compile_blocks: bool = False) -> nn.Module:
-    if dims.sp > 1:
-        model.attention = UlyssesAttention(model.attention, dims.sp_group)
+    # USP (sp = ulysses x ring): Ulysses' all-to-all turns a rank's chunk into its ring rank's block of the row
+    # (fewer heads), the ring gathers keys and values across blocks, the backend attends; and back.
+    if dims.ring > 1:
+        model.attention = ContextParallelAttention(model.attention, dims.ring_group)
+    if dims.ulysses > 1:
+        model.attention = UlyssesAttention(model.attention, dims.ulysses_group)
     for block in model.blocks:
         if activation_checkpointing:
             checkpoint_module(block)
@@ -87,5 +93,5 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
 
 
 __all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims",
-           "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "gather_sequence",
+           "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "ContextParallelAttention", "gather_sequence",
            "shard_sequence", "full_rows", "parallelize_dit", "parallelize", "build_partitioned", "checkpoint_module"]

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass
 class ParallelConfig:
-    sp: int = 1  # Ulysses sequence-parallel degree
+    sp: int = 1  # sequence-parallel degree: ulysses x ring
+    ring: int = 1  # of which context-parallel (keys and values all-gathered); sp / ring is Ulysses (splits heads)
     zero_stage: int = 3
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False

@@ -1,4 +1,5 @@
-"""World = data-parallel x sequence-parallel; the groups, and the mpu object DeepSpeed reads them from."""
+"""World = data-parallel x sequence-parallel, and sequence-parallel = Ulysses x ring (USP); the groups, and the
+mpu object DeepSpeed reads them from."""
 
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ class ParallelConfigError(ValueError):
     """A parallelism setting that cannot work; raised before any process group exists."""
 
 
-def check_degrees(world_size: int, sp: int, heads: int, seq_len: int) -> None:
+def check_degrees(world_size: int, sp: int, heads: int, seq_len: int, ring: int = 1) -> None:
+    """sp = ulysses x ring: Ulysses splits heads (its degree must divide them), the ring splits nothing but the
+    sequence, so sp can exceed the head count."""
     problems = []
     if sp < 1 or world_size % sp:
         problems.append(f"parallel.sp={sp} does not divide the world size {world_size}")
-    if sp >= 1 and heads % sp:
-        problems.append(f"parallel.sp={sp} does not divide model.heads={heads} (Ulysses splits heads)")
+    if ring < 1 or (sp >= 1 and sp % ring):
+        problems.append(f"parallel.ring={ring} does not divide parallel.sp={sp} (sp = ulysses x ring)")
+    elif sp >= 1 and heads % (sp // ring):
+        ulysses = f"parallel.sp={sp}" if ring == 1 else f"the Ulysses degree parallel.sp/parallel.ring={sp // ring}"
+        problems.append(f"{ulysses} does not divide model.heads={heads} (Ulysses splits heads; parallel.ring "
+                        f"splits the sequence further)")
     if sp >= 1 and seq_len % sp:
         problems.append(f"data.seq_len={seq_len} is not divisible by parallel.sp={sp}")
     if problems:
@@ -31,13 +38,19 @@ def check_degrees(world_size: int, sp: int, heads: int, seq_len: int) -> None:
 
 @dataclass
 class ParallelDims:
-    """SP groups are consecutive ranks (kept inside a node, where all-to-all is cheap)."""
+    """SP groups are consecutive ranks. Inside one, Ulysses groups are consecutive ranks again (kept inside a
+    node, where all-to-all is cheap) and ring groups stride across them (between nodes: the ring moves only
+    keys and values). Sequence chunk i of a row lives on SP rank i = ring_rank * ulysses + ulysses_rank, so
+    Ulysses' all-to-all leaves each ring rank one contiguous block of the row."""
 
     world_size: int
     rank: int
     local_rank: int
     sp: int
+    ring: int = 1
     sp_group: object = field(default=None, repr=False)
+    ulysses_group: object = field(default=None, repr=False)
+    ring_group: object = field(default=None, repr=False)
     dp_group: object = field(default=None, repr=False)
     self_group: object = field(default=None, repr=False)  # this rank alone: DeepSpeed's "model-parallel" group
 
@@ -54,6 +67,18 @@ class ParallelDims:
         return self.rank % self.sp
 
     @property
+    def ulysses(self) -> int:
+        return self.sp // self.ring
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.sp_rank % self.ulysses
+
+    @property
+    def ring_rank(self) -> int:
+        return self.sp_rank // self.ulysses
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -63,6 +88,21 @@ class ParallelDims:
             g = dist.new_group(list(range(d * self.sp, (d + 1) * self.sp)))
             if d == self.dp_rank:
                 self.sp_group = g
+            if self.ring == 1 or self.ulysses == 1:  # one kind only: its group is the SP group
+                continue
+            for j in range(self.ring):  # Ulysses: consecutive ranks of this SP group
+                start = d * self.sp + j * self.ulysses
+                g = dist.new_group(list(range(start, start + self.ulysses)))
+                if d == self.dp_rank and j == self.ring_rank:
+                    self.ulysses_group = g
+            for u in range(self.ulysses):  # ring: one rank of each Ulysses group, in sequence order
+                g = dist.new_group(list(range(d * self.sp + u, (d + 1) * self.sp, self.ulysses)))
+                if d == self.dp_rank and u == self.ulysses_rank:
+                    self.ring_group = g
+        if self.ring == 1:
+            self.ulysses_group = self.sp_group
+        elif self.ulysses == 1:
+            self.ring_group = self.sp_group
         for s in range(self.sp):
             g = dist.new_group(list(range(s, self.world_size, self.sp)))
             if s == self.sp_rank:
@@ -108,8 +148,8 @@ def destroy_at_exit() -> None:
         dist.destroy_process_group()
 
 
-def init_distributed(sp: int, timeout_s: float = 600.0) -> ParallelDims:
-    """Joins (or, alone, creates) the process group and builds DP x SP groups."""
+def init_distributed(sp: int, timeout_s: float = 600.0, ring: int = 1) -> ParallelDims:
+    """Joins (or, alone, creates) the process group and builds DP x SP (Ulysses x ring) groups."""
     import deepspeed
 
     e = dist_env.detect()
@@ -130,6 +170,8 @@ def init_distributed(sp: int, timeout_s: float = 600.0) -> ParallelDims:
         # Left to interpreter exit, a communicator's threads sometimes aborted a rank there ("terminate called
         # without an active exception", 2 runs in 9 of a 2-rank probe): every process that made the group ends it.
         atexit.register(destroy_at_exit)
-    dims = ParallelDims(e.world_size, e.rank, e.local_rank, sp)
+    if ring < 1 or sp % ring:
+        raise ParallelConfigError(f"parallel.ring={ring} does not divide parallel.sp={sp} (sp = ulysses x ring)")
+    dims = ParallelDims(e.world_size, e.rank, e.local_rank, sp, ring)
     dims.build_groups()
     return dims
