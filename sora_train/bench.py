@@ -3,6 +3,8 @@
   sora-bench model --model 1B --seq-len 65536 --ac on        (the training step users get: Trainer.train_step)
   sora-bench model --model XL --seq-len 16384 65536 --attention sdpa flex varlen --ac both --bare
   sora-bench packing --data data/bench/shards --seq-len 8192
+  sora-bench packing --lengths 0.7:1024-4096,0.3:8192-32768 --seq-len 65536 --dp 8 --model 1B   (cost balance)
+  sora-bench plan --model 1B 30B --seq-len 65536 262144 --gpus 8 64 256
   sora-bench model --model 30B --params-only
   sora-bench attention --seq-len 4096 16384 --attention sdpa flex varlen   (numerics vs a float32 reference, speed)
 
@@ -315,6 +317,85 @@ def bench_packing(data: str, seq_len: int, batch: int, workers: int, lookahead: 
             "mean_tokens_per_sample": statistics.mean(sizes), "max_tokens_per_sample": max(sizes)}
 
 
+def parse_lengths(spec: str) -> list[tuple[float, int, int]]:
+    """"0.7:1024-4096,0.3:8192-32768" -> [(share, low, high)]: sample lengths in tokens, uniform in each range."""
+    try:
+        parts = [(float(share), *map(int, span.split("-"))) for share, span in (p.split(":") for p in spec.split(","))]
+    except ValueError:
+        raise SystemExit(f"--lengths {spec!r}: use share:low-high[,share:low-high...], e.g. 0.7:1024-4096,0.3:8192-32768")
+    return [(share / sum(p[0] for p in parts), lo, hi) for share, lo, hi in parts]
+
+
+def length_stream(mix: list[tuple[float, int, int]], count: int, seed: int):
+    """`count` packer items of token lengths drawn from `mix` (no data: the packer only reads sizes)."""
+    from .data.packing import Item
+
+    rng = np.random.default_rng(seed)
+    shares = np.cumsum([m[0] for m in mix])
+    for i in range(count):
+        _, lo, hi = mix[min(int(np.searchsorted(shares, rng.random())), len(mix) - 1)]
+        n = int(rng.integers(lo, hi + 1))
+        yield Item(sid=(0, seed, i), key=f"{seed}/{i}", tokens=torch.zeros(n, 1), pos=torch.zeros(n, 3, dtype=torch.long),
+                   grid=(1, 1, n), text=torch.zeros(1, 1), caption="")
+
+
+def bench_balance(lengths: str, seq_len: int, dp: int, grad_accum: int, samples: int, lookahead: int,
+                  model: str) -> list[dict]:
+    """Today's token packer next to the cost-balanced one on the same streams (one per data-parallel rank):
+    max/mean estimated cost over rows and, per step, over ranks (each rank's step: grad_accum rows), the share
+    of real tokens, and every sample's count (none lost, none twice)."""
+    from .data.packing import Packer
+    from .models.flops import attention_weight, row_cost
+
+    args, mix, out = load_preset(model), parse_lengths(lengths), []
+    w = attention_weight(args.dim, args.mlp_ratio, args.cross_attention)
+    for balance in (False, True):
+        costs, keys, real = [], [], 0
+        for rank in range(dp):
+            packer = Packer(seq_len, 64, 1, 64, lookahead, 1, 1, balance)
+            batches = [b for it in length_stream(mix, samples, rank) for b in packer.add(it)]
+            rows = [[int(g.prod()) for g in b.grids[0] if g[0]] for b in batches]
+            costs.append([row_cost(r, seq_len, w) for r in rows])
+            real += sum(map(sum, rows))
+            keys += [k for b in batches + packer.flush() for k in b.keys[0]]
+        steps = min(len(c) for c in costs) // grad_accum
+        step = np.array([c[:steps * grad_accum] for c in costs]).reshape(dp, steps, grad_accum).sum(2)  # [dp, steps]
+        rows_all = np.concatenate([np.asarray(c) for c in costs])
+        fill = real / (seq_len * sum(len(c) for c in costs))
+        out.append({"balance": "cost" if balance else "tokens", "lengths": lengths, "seq_len": seq_len, "dp": dp,
+                    "grad_accum": grad_accum, "model": model, "attention_weight": w,
+                    "row_cost_max_over_mean": float(rows_all.max() / rows_all.mean()),
+                    "row_cost_cv": float(rows_all.std() / rows_all.mean()),
+                    "step_rank_max_over_mean": float((step.max(0) / step.mean(0)).mean()),
+                    "real_token_share": fill, "samples": len(keys), "samples_lost": dp * samples - len(set(keys)),
+                    "samples_repeated": len(keys) - len(set(keys))})
+    base = out[0]["real_token_share"] / out[0]["step_rank_max_over_mean"]
+    for r in out:  # real tokens per unit of the slowest rank's time, relative to the token packer
+        r["throughput_vs_tokens"] = r["real_token_share"] / r["step_rank_max_over_mean"] / base
+    return out
+
+
+def bench_plan(models: list[str], seq_lens: list[int], gpus: list[int], top: int, sample_tokens: int | None,
+               **cluster) -> list[dict]:
+    """sora_train/plan.py for each preset, row budget and cluster size: the `top` fastest layouts that fit, and
+    the fastest Ulysses-only one beside them (ring=1) when it is not among them."""
+    from .plan import Cluster, plan
+
+    out = []
+    for name in models:
+        args = load_preset(name)
+        for s in seq_lens:
+            for g in gpus:
+                rows = plan(args, s, Cluster(gpus=g, **cluster), sample_tokens)
+                keep = rows[:top] + [next((r for r in rows if r["ring"] == 1), None)]
+                seen = []
+                for r in keep:
+                    if r is not None and r not in seen:
+                        seen.append(r)
+                        out.append({"model": name, "seq_len": s, "gpus": g, **r})
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -343,12 +424,31 @@ def main(argv=None) -> None:
                     help="samples of about this many tokens (0.5-1.5x); default seq_len/16 to seq_len/3")
     pa.add_argument("--no-check", action="store_true", help="time only (the float32 reference needs S^2 memory)")
     pk = sub.add_parser("packing")
-    pk.add_argument("--data", required=True)
+    source = pk.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="shards: padding of Patch n' Pack vs pad-to-longest vs bucketing")
+    source.add_argument("--lengths", help="a sample-length mix, share:low-high,...: the token packer vs the cost "
+                                          "balanced one (data.balance) over --dp ranks")
+    pk.add_argument("--dp", type=int, default=8)
+    pk.add_argument("--grad-accum", type=int, default=1)
+    pk.add_argument("--samples", type=int, default=2000, help="per rank, with --lengths")
+    pk.add_argument("--model", default="1B", help="the preset whose attention weight prices a row")
     pk.add_argument("--seq-len", type=int, default=8192)
     pk.add_argument("--batch", type=int, default=8, help="samples per batch for pad-to-longest / bucketing")
     pk.add_argument("--workers", type=int, default=1)
     pk.add_argument("--lookahead", type=int, default=64)
-    for sp in (pm, pk, pa):
+    pp = sub.add_parser("plan", help="memory and step time of every (dp, ulysses, ring) layout (sora_train/plan.py)")
+    pp.add_argument("--model", nargs="+", default=["1B"])
+    pp.add_argument("--seq-len", type=int, nargs="+", default=[65536])
+    pp.add_argument("--gpus", type=int, nargs="+", default=[8])
+    pp.add_argument("--top", type=int, default=3, help="layouts per case, fastest first")
+    pp.add_argument("--sample-tokens", type=int, default=None, help="clip length in the rows (default: one per row)")
+    pp.add_argument("--gpus-per-node", type=int, default=8)
+    pp.add_argument("--intra-gbps", type=float, default=350.0, help="GB/s per GPU inside a node")
+    pp.add_argument("--inter-gbps", type=float, default=45.0, help="GB/s per GPU between nodes")
+    pp.add_argument("--mfu", type=float, default=0.308, help="compute efficiency assumed (measured: 1B, 64k, H200)")
+    pp.add_argument("--peak-tflops", type=float, default=989.0)
+    pp.add_argument("--gpu-mem-gib", type=float, default=141.0)
+    for sp in (pm, pk, pa, pp):
         sp.add_argument("--json", default=None)
     for sp in (pm, pa):
         sp.add_argument("--sdpa-backend", default=None, choices=["cudnn", "flash", "efficient", "math"],
@@ -372,7 +472,13 @@ def pinned_sdpa(backend: str | None):
 
 
 def run(a) -> list[dict]:
-    if a.what == "packing":
+    if a.what == "plan":
+        results = bench_plan(a.model, a.seq_len, a.gpus, a.top, a.sample_tokens, gpus_per_node=a.gpus_per_node,
+                             intra_gbps=a.intra_gbps, inter_gbps=a.inter_gbps, mfu=a.mfu,
+                             peak_tflops=a.peak_tflops, gpu_mem_gib=a.gpu_mem_gib)
+    elif a.what == "packing" and a.lengths:
+        results = bench_balance(a.lengths, a.seq_len, a.dp, a.grad_accum, a.samples, a.lookahead, a.model)
+    elif a.what == "packing":
         results = [bench_packing(a.data, a.seq_len, a.batch, a.workers, a.lookahead)]
     elif a.what == "attention":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

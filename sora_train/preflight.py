@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 # Values a run cannot use, refused by key before any work (a negative step count used to exit 0 having done
 # nothing; a misspelt choice such as data.oversize=skp behaved as another one).
-CHOICES = {"device": ("auto", "cpu", "cuda"), "data.oversize": ("crop_time", "skip"),
+CHOICES = {"device": ("auto", "cpu", "cuda"), "data.oversize": ("crop_time", "skip"), "data.balance": ("cost", "tokens"),
            "optim.decay": ("cosine", "constant"), "parallel.precision": ("auto", "bf16", "fp32"),
            "logging.wandb.mode": ("online", "offline", "disabled")}
 RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup_steps": (0, None),

@@ -9,6 +9,7 @@ import torch
 
 from data_tools.encode import EncodePolicy, frame_indices, npy_bytes, prepare_frames
 from sora_train.codecs import PixelCodec
+from sora_train.data.packing import Item, Packer
 from sora_train.data import (DataQualityError, ManifestMismatch, PackedLoader, StreamPosition, StreamSpec,
                              check_manifest, list_shards, load_manifest, unpack)
 from sora_train.video_io import read_video
@@ -75,9 +76,9 @@ def _take(loader, n):
     return list(itertools.islice(iter(loader), n))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_exactly_the_uninterrupted_batches(dataset, workers):
-    spec = StreamSpec(**{**SPEC.__dict__, "epochs": None, "rows": 1, "seq_len": 384})  # endless, several epochs
+@pytest.mark.parametrize("workers,balance", [(0, False), (2, False), (2, True)])
+def test_resume_gives_exactly_the_uninterrupted_batches(dataset, workers, balance):
+    spec = StreamSpec(**{**SPEC.__dict__, "epochs": None, "rows": 1, "seq_len": 384, "balance": balance})  # endless
     full = _take(PackedLoader(str(dataset / "shards"), spec, num_workers=workers), 40)
     first = PackedLoader(str(dataset / "shards"), spec, num_workers=workers)
     _take(first, 17)
@@ -88,17 +89,45 @@ def test_resume_gives_exactly_the_uninterrupted_batches(dataset, workers):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.text, b.text) and torch.equal(a.pos, b.pos)
 
 
-@pytest.mark.parametrize("before,after", [(4, 2), (2, 4), (3, 1)])
-def test_elastic_resume_consumes_every_sample_once(dataset, before, after):
-    src = str(dataset / "shards")
-    loaders = [PackedLoader(src, SPEC, dp_rank=r, dp_size=before, num_workers=2) for r in range(before)]
+@pytest.mark.parametrize("before,after,balance", [(4, 2, False), (2, 4, False), (3, 1, False), (4, 2, True)])
+def test_elastic_resume_consumes_every_sample_once(dataset, before, after, balance):
+    src, spec = str(dataset / "shards"), StreamSpec(**{**SPEC.__dict__, "balance": balance})
+    loaders = [PackedLoader(src, spec, dp_rank=r, dp_size=before, num_workers=2) for r in range(before)]
     seen = []
     for ld in loaders:
         seen += [k for b in _take(ld, 2) for row in b.keys for k in row]
     merged = StreamPosition.merge([ld.position for ld in loaders]).state_dict()
     for r in range(after):
-        seen += all_keys(PackedLoader(src, SPEC, dp_rank=r, dp_size=after, num_workers=1, position=merged))
+        seen += all_keys(PackedLoader(src, spec, dp_rank=r, dp_size=after, num_workers=1, position=merged))
     assert len(seen) == len(set(seen)) == 48
+
+
+def long_tailed_items(count: int, seed: int = 0):
+    """70% short clips (1-4k tokens), 30% long (8-32k): rows of 64k hold several long ones, and how they are
+    spread over rows sets each row's attention."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        n = int(rng.integers(1024, 4096) if rng.random() < 0.7 else rng.integers(8192, 32768))
+        yield Item(sid=(0, 0, i), key=f"s{i}", tokens=torch.zeros(n, 1), pos=torch.zeros(n, 3, dtype=torch.long),
+                   grid=(1, 1, n), text=torch.zeros(4, 1), caption="")
+
+
+def test_cost_balanced_rows_keep_every_sample_once_and_cut_the_attention_imbalance():
+    attention = {}
+    for balance in (False, True):
+        packer = Packer(65536, 256, rows=1, max_per_row=64, lookahead=32, patch_dim=1, text_dim=1, balance=balance)
+        batches = [b for it in long_tailed_items(600) for b in packer.add(it)]
+        full = len(batches)  # rows built from a full lookahead; flush() empties the buffer into whatever is left
+        batches += packer.flush()
+        keys = [k for b in batches for k in b.keys[0]]
+        assert sorted(keys) == sorted(f"s{i}" for i in range(600))  # none lost, none twice
+        rows = [[int(g.prod()) for g in b.grids[0] if g[0]] for b in batches[:full]]
+        assert all(sum(r) <= 65536 for r in rows)
+        assert sum(map(sum, rows)) / (65536 * len(rows)) > 0.97, balance  # balancing keeps the rows full
+        attention[balance] = np.array([sum(n * n for n in r) for r in rows], dtype=float)
+    imbalance = {b: a.max() / a.mean() for b, a in attention.items()}
+    spread = {b: a.std() / a.mean() for b, a in attention.items()}
+    assert imbalance[True] < 0.8 * imbalance[False] and spread[True] < 0.4 * spread[False], (imbalance, spread)
 
 
 def test_resume_refuses_another_dataset_or_seed(dataset, tmp_path):

@@ -105,3 +105,37 @@ def test_sora_bench_attention_compares_each_backend_with_the_float32_reference()
         errs = [v for k, v in r.items() if k.endswith("_rel_err")]
         assert len(errs) == 8 and max(errs) < 1e-5, r
         assert r["self_finite"] and r["cross_finite"] and r["fwd_bwd_ms"] > 0 and r["segments"] >= 3
+
+
+def test_sora_bench_packing_lengths_compares_the_token_and_cost_packers_on_the_same_streams():
+    from sora_train.bench import bench_balance
+
+    tokens, cost = bench_balance("0.7:1024-4096,0.3:8192-32768", 65536, dp=4, grad_accum=1, samples=300,
+                                 lookahead=32, model="1B")
+    assert (tokens["balance"], cost["balance"]) == ("tokens", "cost")
+    for r in (tokens, cost):
+        assert r["samples"] == 4 * 300 and r["samples_lost"] == 0 and r["samples_repeated"] == 0
+    assert cost["step_rank_max_over_mean"] < tokens["step_rank_max_over_mean"] - 0.1
+    assert cost["row_cost_cv"] < 0.5 * tokens["row_cost_cv"] and cost["throughput_vs_tokens"] > 1.05
+
+
+def test_plan_enumerates_layouts_prices_their_traffic_and_matches_the_measured_memory():
+    from sora_train.bench import load_preset
+    from sora_train.models.dit import count_params
+    from sora_train.plan import ACT_TENSORS_RECOMPUTE, Cluster, layouts, plan
+
+    assert sorted(layouts(8, 12)) == sorted([(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8), (4, 2, 1), (2, 2, 2),
+                                             (1, 2, 4), (2, 4, 1), (1, 4, 2)])  # Ulysses divides the 12 heads
+    a = load_preset("1B")
+    rows = plan(a, 65536, Cluster(gpus=16))
+    by = {(r["ulysses"], r["ring"]): r for r in rows}
+    assert by[(1, 1)]["ulysses_s"] == by[(1, 1)]["ring_s"] == 0
+    assert by[(2, 1)]["ring_s"] == 0 < by[(2, 1)]["ulysses_s"] and by[(1, 2)]["ulysses_s"] == 0 < by[(1, 2)]["ring_s"]
+    assert by[(4, 4)]["memory_gib"] < by[(4, 1)]["memory_gib"] < by[(1, 1)]["memory_gib"]
+    # A ring that leaves the node (sp 16 > 8 GPUs per node) pays the inter-node bandwidth: ~8x the same volume.
+    assert by[(1, 16)]["ring_s"] > 5 * by[(1, 8)]["ring_s"]
+    assert rows == sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
+    # The activation model against the measured single-GPU step (docs/performance.md: 1B, 64k, AC on, 19.7 GiB
+    # with bf16 weights, gradients and AdamW states, 8 bytes per parameter).
+    act = (a.depth + ACT_TENSORS_RECOMPUTE) * 65536 * a.dim * 2
+    assert (count_params(a) * 8 + act) / 2**30 == pytest.approx(19.7, rel=0.05)

@@ -32,6 +32,9 @@ class DataConfig:
     rows: int = 1  # rows per micro-batch
     max_per_row: int = 64  # samples per row
     lookahead: int = 64  # samples the packer chooses from
+    # cost: rows balanced by estimated step cost (attention ~ sum of squared sample lengths) as well as tokens, so
+    # data-parallel ranks finish together on long-tailed clip lengths; tokens: by tokens alone (sora-bench packing)
+    balance: str = "cost"
     num_workers: int = 1  # loader processes per data-parallel rank
     seed: int = 0
     caption_dropout: float = 0.1  # share of samples trained without their caption (classifier-free guidance)

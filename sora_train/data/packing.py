@@ -76,15 +76,26 @@ class Packer:
     """Deterministic packer over a lookahead buffer of `lookahead` samples (oldest first, then
     best-fit-decreasing).
 
+    With `balance` (data.balance=cost) rows are balanced by estimated step cost, not only tokens: a row of
+    one 60k-token clip costs several times a row of ten 6k-token clips with the same token count
+    (models/flops.py: row_cost), and data-parallel ranks wait for the slowest. Every row runs all S tokens
+    through the linear layers, padding included, so rows differ in cost by their attention, sum n_i^2, alone:
+    each row aims at the attention a full row would carry if the buffer's samples were spread evenly
+    (S * sum n^2 / sum n over the buffer). A first best-fit-decreasing pass takes only samples that keep the
+    row at or under it, a second fills the tokens left smallest first (a real token in place of padding costs
+    only its attention). Every rank's rows then cost about the same, so ranks balance without exchanging
+    samples. A sample whose own attention exceeds the target makes its row heavy whatever the packer does
+    (`sora-bench packing --lengths` shows both cases).
+
     A row is built only when the buffer is full (or at flush), and the buffer keeps insertion
     order, so its contents are a pure function of the unconsumed input sequence: this is what
     makes a resumed stream emit exactly the batches an uninterrupted one would.
     """
 
     def __init__(self, seq_len: int, text_len: int, rows: int, max_per_row: int, lookahead: int,
-                 patch_dim: int, text_dim: int):
+                 patch_dim: int, text_dim: int, balance: bool = False):
         self.S, self.Lt, self.R, self.M, self.K = seq_len, text_len, rows, max_per_row, lookahead
-        self.patch_dim, self.text_dim = patch_dim, text_dim
+        self.patch_dim, self.text_dim, self.balance = patch_dim, text_dim, balance
         self.buffer: list[Item] = []
         self.rows: list[list[Item]] = []
 
@@ -108,19 +119,30 @@ class Packer:
     def _take_row(self) -> list[PackedBatch]:
         """The oldest buffered sample opens the row (so no sample waits more than `lookahead` rows:
         plain best-fit-decreasing can starve a mid-size sample while larger ones keep arriving),
-        then best-fit-decreasing fills the rest."""
-        chosen, used, text_used = [], 0, 0
-        order = [0] + sorted(range(1, len(self.buffer)), key=lambda i: -self.buffer[i].n)  # stable: ties keep order
-        for i in order:
-            it = self.buffer[i]
-            if len(chosen) < self.M and used + it.n <= self.S and text_used + it.text.shape[0] <= self.Lt:
-                chosen.append(i)
-                used += it.n
-                text_used += it.text.shape[0]
+        then best-fit-decreasing fills the rest (under the attention target first, when balancing)."""
+        chosen, room = [0], {"tokens": self.S - self.buffer[0].n, "text": self.Lt - self.buffer[0].text.shape[0]}
+        by_size = sorted(range(1, len(self.buffer)), key=lambda i: -self.buffer[i].n)  # stable: ties keep order
+        if self.balance:
+            sizes = [it.n for it in self.buffer]
+            room["attention"] = self.S * sum(n * n for n in sizes) / sum(sizes) - sizes[0] ** 2
+            self._fill(chosen, by_size, room)
+            del room["attention"]  # the second pass fills the tokens left, the least attention first
+            by_size = by_size[::-1]
+        self._fill(chosen, by_size, room)
         keep = set(chosen)
         self.rows.append([self.buffer[i] for i in sorted(chosen)])
         self.buffer = [it for i, it in enumerate(self.buffer) if i not in keep]
         return [self._emit()] if len(self.rows) == self.R else []
+
+    def _fill(self, chosen: list[int], order: list[int], room: dict) -> None:
+        """Adds, in `order`, each sample not yet chosen that fits every budget left in `room` (spent in place)."""
+        for i in order:
+            it = self.buffer[i]
+            need = {"tokens": it.n, "text": it.text.shape[0], "attention": it.n * it.n}
+            if i not in chosen and len(chosen) < self.M and all(need[k] <= left for k, left in room.items()):
+                chosen.append(i)
+                for k in room:
+                    room[k] -= need[k]
 
     def _empty(self) -> PackedBatch:
         return self._emit()

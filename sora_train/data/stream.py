@@ -37,6 +37,7 @@ class StreamSpec:
     channels: int
     text_dim: int
     caption_mix: tuple[tuple[str, float], ...] = ()  # data.caption_mix as (key, share) pairs
+    balance: bool = False  # data.balance == "cost": rows balanced by attention cost (packing.Packer)
 
     @classmethod
     def of(cls, data, model, **override) -> "StreamSpec":
@@ -44,7 +45,8 @@ class StreamSpec:
         kw = dict(seq_len=data.seq_len, text_len=data.text_len, rows=data.rows, max_per_row=data.max_per_row,
                   lookahead=data.lookahead, seed=data.seed, epochs=None, caption_dropout=data.caption_dropout,
                   oversize=data.oversize, patch=tuple(model.patch_size), channels=model.in_channels,
-                  text_dim=model.text_dim, caption_mix=tuple((k, float(v)) for k, v in data.caption_mix.items()))
+                  text_dim=model.text_dim, caption_mix=tuple((k, float(v)) for k, v in data.caption_mix.items()),
+                  balance=data.balance == "cost")
         return cls(**{**kw, **override})
 
 
@@ -95,7 +97,7 @@ class PackedStream(IterableDataset):
     def batches(self, slot: int, num_slots: int, worker: int):
         spec = self.spec
         packer = Packer(spec.seq_len, spec.text_len, spec.rows, spec.max_per_row, spec.lookahead,
-                        spec.channels * int(np.prod(spec.patch)), spec.text_dim)
+                        spec.channels * int(np.prod(spec.patch)), spec.text_dim, spec.balance)
         pending = {"consumed": [], "ended": [], "skipped": [], "reads": 0}
 
         def skip(url, key, reason, sid=None):

@@ -14,21 +14,39 @@ from .dit import DiTArgs
 from .layers import FractionalPositions
 
 
+def block_token_flops(dim: int, mlp_ratio: float, cross_attention: bool) -> int:
+    """One block's forward FLOPs per token in its linear layers: qkv, proj, mlp (+ cross-attention q, proj)."""
+    D, hidden = dim, int(dim * mlp_ratio)
+    return 2 * D * 3 * D + 2 * D * D + 2 * 2 * D * hidden + (4 * D * D if cross_attention else 0)
+
+
+def attention_weight(dim: int, mlp_ratio: float, cross_attention: bool) -> float:
+    """Self-attention FLOPs of one (query, key) pair relative to a block's linear FLOPs per token: a packed row
+    of samples n_i costs ~ sum n_i + w * sum n_i^2 (w ~ 1/(6 dim); the 1B preset: a 60k-token clip's attention is
+    ~6x its linear work). The packer balances rows on this (data.balance=cost)."""
+    return 4 * dim / block_token_flops(dim, mlp_ratio, cross_attention)
+
+
+def row_cost(sizes, seq_len: int, weight: float) -> float:
+    """A packed row's estimated step cost in token-equivalents: every one of its seq_len tokens (padding too)
+    through the linear layers, plus attention over each sample, weight * sum n_i^2 (weight: attention_weight)."""
+    return seq_len + weight * sum(n * n for n in sizes)
+
+
 def forward_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None) -> int:
     """seg [B,S], text_seg [B,L] packed segment ids -> forward FLOPs."""
-    D, P, hidden = a.dim, a.patch_dim, int(a.dim * a.mlp_ratio)
+    D, P = a.dim, a.patch_dim
     ids = torch.arange(1, int(seg.max()) + 2)
     n = (seg[..., None] == ids).sum(1).flatten().double()  # tokens per sample slot
     samples = int((n > 0).sum())
     N = float(n.sum())
-    per_token = 2 * D * 3 * D + 2 * D * D + 2 * 2 * D * hidden  # qkv, proj, mlp
+    per_token = block_token_flops(D, a.mlp_ratio, a.cross_attention and text_seg is not None)
     per_sample = 2 * D * 6 * D  # adaLN modulation
     attn = 4 * D * float((n * n).sum())
     total_text = 0.0
     if a.cross_attention and text_seg is not None:
         ltxt = (text_seg[..., None] == ids).sum(1).flatten().double()
         total_text = float(ltxt.sum())
-        per_token += 2 * D * D + 2 * D * D  # cross q, proj
         attn += 4 * D * float((n * ltxt).sum())
         blocks_text = 2 * D * 2 * D * total_text  # cross k, v
     else:

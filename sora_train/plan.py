@@ -1,0 +1,97 @@
+"""A cost model for choosing a parallel layout (`sora-bench plan`): for a preset, a packed-row token budget and a
+cluster shape, each (dp, ulysses, ring) layout's memory per GPU and its step time split into compute,
+Ulysses all-to-all, ring (key/value all-gather) and ZeRO-3 traffic, with the bandwidths as inputs.
+
+Compute is models/flops.py's count at an assumed MFU (default: the best measured, 1B at 64k on one H200,
+docs/performance.md). Activation memory is calibrated on the measured single-GPU steps of that table: ~35
+bf16 [tokens, dim] tensors per block without activation checkpointing (B at 64k: 41.4 GiB), one per block plus
+~30 for the block being recomputed with it (1B at 64k: 19.7 GiB); docs/performance.md lists the check against
+the other measured rows. Sequence-parallel traffic is on the critical path (attention waits for it); ZeRO-3's
+parameter gathers and gradient reduce-scatters are prefetched and overlapped, so only their excess over
+compute counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models.dit import DiTArgs, count_params
+from .models.flops import forward_flops
+
+GIB = 2**30
+BF16 = 2
+# Bytes per parameter, partitioned over the world by ZeRO-3: bf16 weights and gradients, fp32 master weights,
+# Adam's two moments, the fp32 EMA.
+STATE_BYTES = 2 + 2 + 4 + 8 + 4
+ACT_TENSORS_PER_BLOCK = 35  # without activation checkpointing (calibrated: module docstring)
+ACT_TENSORS_RECOMPUTE = 30  # the block being recomputed under activation checkpointing
+
+
+@dataclass
+class Cluster:
+    gpus: int
+    gpus_per_node: int = 8
+    intra_gbps: float = 350.0  # GB/s per GPU inside a node (NVLink all-to-all / all-gather, achieved)
+    inter_gbps: float = 45.0  # GB/s per GPU between nodes (400 Gb/s InfiniBand per GPU, achieved)
+    peak_tflops: float = 989.0
+    mfu: float = 0.308  # the best measured 1B step at 64k with activation checkpointing (docs/performance.md)
+    gpu_mem_gib: float = 141.0
+
+
+def layouts(gpus: int, heads: int):
+    """Every (dp, ulysses, ring) with dp x ulysses x ring = gpus and ulysses dividing the heads."""
+    for ulysses in range(1, heads + 1):
+        if heads % ulysses or gpus % ulysses:
+            continue
+        for ring in range(1, gpus // ulysses + 1):
+            if (gpus // ulysses) % ring == 0:
+                yield gpus // (ulysses * ring), ulysses, ring
+
+
+def row_segments(seq_len: int, sample_tokens: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed row of samples of `sample_tokens` (the last one shorter), each with `text_len` text tokens."""
+    n = -(-seq_len // sample_tokens)
+    seg = torch.arange(seq_len) // sample_tokens + 1
+    return seg[None], torch.arange(1, n + 1).repeat_interleave(text_len)[None]
+
+
+def plan_layout(a: DiTArgs, seq_len: int, sample_tokens: int, text_len: int, c: Cluster, dp: int, ulysses: int,
+                ring: int, ac: bool = True) -> dict:
+    sp = ulysses * ring
+    local = seq_len / sp  # tokens per GPU
+    seg, text_seg = row_segments(seq_len, sample_tokens, text_len)
+    fwd = forward_flops(a, seg, text_seg)
+    passes = 3 if ac else 2  # forward, backward (+ the forward again under activation checkpointing)
+    compute_s = 3 * fwd / sp / (c.peak_tflops * 1e12 * c.mfu)  # MFU credits forward + backward, not the recompute
+    bandwidth = lambda ranks_span: (c.intra_gbps if ranks_span <= c.gpus_per_node else c.inter_gbps) * 1e9  # noqa: E731
+    # Ulysses: q, k, v in and the output back, per block and pass; each GPU sends (u-1)/u of its local tensor.
+    ulysses_bytes = a.depth * passes * 4 * local * a.dim * BF16 * (ulysses - 1) / ulysses
+    # Ring: each GPU receives the other ring ranks' key/value blocks (its heads) per block, forward (and the
+    # recompute); backward reduce-scatters their gradients: the same volume.
+    ring_bytes = a.depth * passes * 2 * (seq_len / ring) * (a.dim / ulysses) * BF16 * (ring - 1)
+    params = count_params(a)
+    zero_bytes = (passes + 1) * params * BF16 * (c.gpus - 1) / c.gpus  # gathers per pass + gradient reduce-scatter
+    ulysses_s = ulysses_bytes / bandwidth(ulysses)
+    ring_s = ring_bytes / bandwidth(sp)
+    zero_s = zero_bytes / bandwidth(c.gpus)
+    step_s = compute_s + ulysses_s + ring_s + max(0.0, zero_s - compute_s)
+    row = local * a.dim * BF16
+    activations = (a.depth + ACT_TENSORS_RECOMPUTE if ac else a.depth * ACT_TENSORS_PER_BLOCK) * row
+    gathered_kv = 2 * seq_len * (a.dim / ulysses) * BF16 if ring > 1 else 0  # one block's, while it attends
+    memory = params * STATE_BYTES / c.gpus + activations + gathered_kv
+    return {"dp": dp, "ulysses": ulysses, "ring": ring, "tokens_per_gpu": int(local),
+            "memory_gib": memory / GIB, "fits": memory / GIB <= c.gpu_mem_gib, "compute_s": compute_s,
+            "ulysses_s": ulysses_s, "ring_s": ring_s, "zero_s": zero_s, "step_s": step_s,
+            "comm_share": (ulysses_s + ring_s + max(0.0, zero_s - compute_s)) / step_s,
+            "tokens_per_s": dp * seq_len / step_s}
+
+
+def plan(a: DiTArgs, seq_len: int, cluster: Cluster, sample_tokens: int | None = None, text_len: int = 256,
+         ac: bool = True) -> list[dict]:
+    """Every layout of the cluster, fastest (real tokens per second over the cluster) first; a layout that does
+    not fit in memory last. `sample_tokens`: the clip length the rows hold (default: one clip per row)."""
+    rows = [plan_layout(a, seq_len, sample_tokens or seq_len, text_len, cluster, dp, u, r, ac)
+            for dp, u, r in layouts(cluster.gpus, a.heads) if seq_len % (u * r) == 0]
+    return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
