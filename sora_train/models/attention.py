@@ -134,6 +134,10 @@ class VarlenAttention(nn.Module):
                 "max_q": int(lq.max()), "max_k": int(lk.max()),
                 "one_at_a_time": not self.named and mean_tokens >= self.LONG_SAMPLE_TOKENS}
 
+    # Left out of torch.compile (parallel.compile compiles each block around it): the kernels are fused already,
+    # and traced, the per-sequence path specialised on every packed layout's lengths, a recompile per step until
+    # dynamo's recompile limit (8) and eager for good after it (measured; tests/test_model.py).
+    @torch.compiler.disable
     def forward(self, q, k, v, mask):
         B, Sq, H, D = q.shape
         qf, kf, vf = q.reshape(-1, H, D), k.reshape(-1, H, D), v.reshape(-1, H, D)
