@@ -32,10 +32,10 @@ for hd in "24 64" "12 128"; do
 done
 # 3. the presets, per backend (1B with its old 24 heads of 64 too)
 bench 170 model --bare --model 1B --override model.heads=24 --seq-len 16384 65536 --attention flex varlen:torch_varlen \
-    --ac on --steps 3 --json "$out/1b_24heads.json"
-bench 90 model --bare --model 1B --seq-len 65536 --attention varlen:torch_varlen varlen:sdpa --ac on --steps 3 \
+    --ac full --steps 3 --json "$out/1b_24heads.json"
+bench 90 model --bare --model 1B --seq-len 65536 --attention varlen:torch_varlen varlen:sdpa --ac full --steps 3 \
     --json "$out/1b.json" --profile "$out/profile_1b_64k.txt" | grep -v '^ '
-bench 130 model --bare --model XL --seq-len 16384 --attention sdpa flex varlen:torch_varlen --ac on --steps 3 --json "$out/xl.json"
-bench 60 model --bare --model XL --seq-len 65536 --attention varlen:torch_varlen --ac on --steps 3 --json "$out/xl_64k.json"
-bench 110 model --bare --model B --seq-len 16384 65536 --attention sdpa flex varlen:torch_varlen --ac off --steps 3 \
+bench 130 model --bare --model XL --seq-len 16384 --attention sdpa flex varlen:torch_varlen --ac full --steps 3 --json "$out/xl.json"
+bench 60 model --bare --model XL --seq-len 65536 --attention varlen:torch_varlen --ac full --steps 3 --json "$out/xl_64k.json"
+bench 110 model --bare --model B --seq-len 16384 65536 --attention sdpa flex varlen:torch_varlen --ac none --steps 3 \
     --json "$out/b.json"

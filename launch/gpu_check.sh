@@ -66,7 +66,7 @@ RESULT[encode]=$?
 # The quickstart's tiny model, but as a cluster run: ZeRO-3, bf16, activation checkpointing, AdamW, EMA.
 TRAIN=(experiment=quickstart data.train="$WORK/shards" data.val="$WORK/shards" optim.name=adamw optim.lr=1e-3
        optim.decay=constant optim.warmup_steps=5 parallel.zero_stage=3 parallel.precision=bf16
-       parallel.activation_checkpointing=true model.attention=varlen data.seq_len=4096 ema.enabled=true
+       parallel.activation_checkpointing=full model.attention=varlen data.seq_len=4096 ema.enabled=true
        checkpoint.every=10 logging.every=1 logging.val_every=10 logging.wandb.mode=disabled)
 train() { timeout 150 "$PY" -m sora_train.train "${TRAIN[@]}" "$@"; }
 train out_dir="$WORK/straight" optim.steps=20 && RESULT[train]=0 || RESULT[train]=$?
@@ -82,10 +82,10 @@ RESULT[sample]=$?
 cp "$WORK"/videos/*.mp4 "$OUT/sample.mp4" 2>/dev/null
 
 step "4. sora-bench: the 1B preset at 64k tokens, trainer step vs bare loop"
-timeout 150 "$PY" -m sora_train.bench model --model 1B --seq-len 65536 --ac on --steps 3 --warmup 2 \
+timeout 150 "$PY" -m sora_train.bench model --model 1B --seq-len 65536 --ac full --steps 3 --warmup 2 \
   --json "$WORK/bench_trainer.json"
 RESULT[bench_trainer]=$?
-timeout 90 "$PY" -m sora_train.bench model --model 1B --seq-len 65536 --ac on --steps 3 --warmup 2 --bare \
+timeout 90 "$PY" -m sora_train.bench model --model 1B --seq-len 65536 --ac full --steps 3 --warmup 2 --bare \
   --json "$WORK/bench_bare.json"
 RESULT[bench_bare]=$?
 

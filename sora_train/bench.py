@@ -1,7 +1,7 @@
 """sora-bench: how fast a preset goes on this device, and how well the loader packs.
 
-  sora-bench model --model 1B --seq-len 65536 --ac on        (the training step users get: Trainer.train_step)
-  sora-bench model --model XL --seq-len 16384 65536 --attention sdpa flex varlen --ac both --bare
+  sora-bench model --model 1B --seq-len 65536 --ac full      (the training step users get: Trainer.train_step)
+  sora-bench model --model XL --seq-len 16384 65536 --attention sdpa flex varlen --ac none full --bare
   sora-bench packing --data data/bench/shards --seq-len 8192
   sora-bench packing --lengths 0.7:1024-4096,0.3:8192-32768 --seq-len 65536 --dp 8 --model 1B   (cost balance)
   sora-bench plan --model 1B 30B --seq-len 65536 262144 --gpus 8 64 256
@@ -102,7 +102,7 @@ def timed(step, steps: int, warmup: int, device) -> float:
     return statistics.median(times)
 
 
-def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, attention: str, ac: bool, steps: int,
+def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, attention: str, ac: str, steps: int,
                   warmup: int, peak: float | None, profile: str | None = None) -> dict:
     """The training step users get: `train.build()` (the DeepSpeed engine with the config's ZeRO stage,
     precision and optimizer, EMA on) fed by SyntheticPackedLoader, timed through `Trainer.train_step`."""
@@ -154,19 +154,16 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_bare(args, seq_len: int, rows: int, attention: str, ac: bool, steps: int, warmup: int, device,
+def bench_bare(args, seq_len: int, rows: int, attention: str, ac: str, steps: int, warmup: int, device,
                peak: float | None, profile: str | None = None) -> dict:
     """The model alone (plain AdamW, no engine, loader or EMA): for attention and kernel work."""
     from .models import DiT
     from .models.flops import achieved, train_flops
-    from .parallel import checkpoint_module
+    from .parallel import ParallelDims, parallelize_dit
 
     args = type(args)(**{**args.__dict__, "attention": attention})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = DiT(args).to(device, dtype)
-    if ac:
-        for b in model.blocks:
-            checkpoint_module(b)
+    model = parallelize_dit(DiT(args).to(device, dtype), ParallelDims(1, 0, 0, 1), ac)  # the trainer's AC policy
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     seg, tseg, pos = synthetic_packed_batch(args, seq_len, rows, (seq_len // 16, seq_len // 3), 64)
     x = torch.randn(rows, seq_len, args.patch_dim, device=device, dtype=dtype)
@@ -404,7 +401,8 @@ def main(argv=None) -> None:
     pm.add_argument("--seq-len", type=int, nargs="+", default=[4096])
     pm.add_argument("--rows", type=int, default=1)
     pm.add_argument("--attention", nargs="+", default=["varlen"])
-    pm.add_argument("--ac", choices=["on", "off", "both"], default="off")
+    pm.add_argument("--ac", nargs="+", choices=["none", "full", "selective"], default=["none"],
+                    help="activation checkpointing policies to time (parallel.activation_checkpointing)")
     pm.add_argument("--steps", type=int, default=5)
     pm.add_argument("--warmup", type=int, default=2)
     pm.add_argument("--peak-tflops", type=float, default=None)
@@ -496,11 +494,10 @@ def run(a) -> list[dict]:
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             peak = device_peak_tflops(a.peak_tflops)
-            acs = {"on": [True], "off": [False], "both": [False, True]}[a.ac]
             results = []
             for s in a.seq_len:
                 for attn in a.attention:
-                    for ac in acs:
+                    for ac in a.ac:
                         try:
                             r = (bench_bare(args, s, a.rows, attn, ac, a.steps, a.warmup, device, peak, a.profile)
                                  if a.bare else bench_trainer(a.model, a.override, s, a.rows, attn, ac, a.steps,

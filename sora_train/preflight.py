@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 # nothing; a misspelt choice such as data.oversize=skp behaved as another one).
 CHOICES = {"device": ("auto", "cpu", "cuda"), "data.oversize": ("crop_time", "skip"), "data.balance": ("cost", "tokens"),
            "optim.decay": ("cosine", "constant"), "parallel.precision": ("auto", "bf16", "fp32"),
+           "parallel.activation_checkpointing": ("none", "full", "selective"),
            "logging.wandb.mode": ("online", "offline", "disabled")}
 RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup_steps": (0, None),
           "optim.lr": (1e-12, None), "optim.min_lr_ratio": (0.0, 1.0), "optim.grad_clip": (0.0, None),

@@ -49,7 +49,7 @@ def tiny_model(shards: Path, out: Path, **extra) -> list[str]:
           "data.text_len": 64, "data.max_per_row": 16, "data.lookahead": 8, "data.num_workers": 0,
           "optim.warmup_steps": 2, "optim.decay": "constant", "optim.lr": 1e-3, "optim.name": "adamw", "logging.wandb.mode": "disabled",
           "logging.every": 1, "out_dir": str(out), "checkpoint.every": 0, "ema.enabled": False,
-          "parallel.zero_stage": 3, "parallel.activation_checkpointing": False, "diffusion": "flow", **extra}
+          "parallel.zero_stage": 3, "parallel.activation_checkpointing": "none", "diffusion": "flow", **extra}
     return [f"{k}={v}" for k, v in kv.items()]
 
 

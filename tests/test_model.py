@@ -356,3 +356,31 @@ def test_compiled_blocks_compute_the_eager_function_without_recompiling_per_pack
             torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
     assert len(segments) >= 4 and graphs[-1] == graphs[1], (segments, graphs)  # no recompile after layout 2
+
+
+def test_activation_checkpointing_policies_keep_the_gradients_and_drop_what_they_say():
+    """parallel.activation_checkpointing: none | full (blocks recomputed) | selective (only each MLP recomputed):
+    the same gradients; the tensors kept for backward shrink from none to selective to full."""
+    from sora_train.parallel import ParallelDims, parallelize_dit
+
+    batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
+    grads, saved = {}, {}
+    for policy in ("none", "selective", "full"):
+        model = parallelize_dit(trained_model().train(), ParallelDims(1, 0, 0, 1), policy)
+        kept = []
+
+        def pack_hook(x):
+            kept.append(x.numel() * x.element_size())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x):
+            out = run(model, batch, t)
+        out.pow(2).mean().backward()
+        grads[policy] = [p.grad for p in model.parameters()]
+        saved[policy] = sum(kept)
+    for policy in ("selective", "full"):
+        for a, b in zip(grads["none"], grads[policy]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert saved["full"] < saved["selective"] < saved["none"], saved
+    with pytest.raises(ValueError, match="activation_checkpointing='on'"):
+        parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "on")

@@ -69,7 +69,7 @@ def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run
 
 def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
     rows = {}
-    for path, extra in (("trainer", ["--ac", "both"]), ("bare", ["--bare"])):  # the training step users get / the model
+    for path, extra in (("trainer", ["--ac", "none", "full"]), ("bare", ["--bare"])):  # the training step users get / the model
         out = tmp_path / f"{path}.json"
         r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "tiny", "--seq-len", "256",
                             "--attention", "varlen", "--steps", "1", "--warmup", "1", "--peak-tflops", "2", *extra,
@@ -77,7 +77,7 @@ def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         rows[path] = json.loads(out.read_text())
     trainer, (bare,) = rows["trainer"], rows["bare"]
-    assert [(t["path"], t["activation_checkpointing"]) for t in trainer] == [("trainer", False), ("trainer", True)]
+    assert [(t["path"], t["activation_checkpointing"]) for t in trainer] == [("trainer", "none"), ("trainer", "full")]
     assert bare["path"] == "bare" and trainer[0]["zero_stage"] == 3 and trainer[0]["optimizer"] == "adamw"
     for row in [*trainer, bare]:
         assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and row["mfu"] == pytest.approx(row["tflops"] / 2)

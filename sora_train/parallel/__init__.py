@@ -24,7 +24,10 @@ def checkpoint_module(module: nn.Module) -> None:
     module.forward = lambda *args: checkpoint(inner, *args, use_reentrant=False)
 
 
-def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointing: bool,
+AC_POLICIES = ("none", "full", "selective")
+
+
+def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointing: str = "none",
                     compile_blocks: bool = False) -> nn.Module:
     # USP (sp = ulysses x ring): Ulysses' all-to-all turns a rank's chunk into its ring rank's block of the row
     # (fewer heads), the ring gathers keys and values across blocks, the backend attends; and back.
@@ -33,8 +36,12 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointi
     if dims.ulysses > 1:
         model.attention = UlyssesAttention(model.attention, dims.ulysses_group)
     for block in model.blocks:
-        if activation_checkpointing:
+        if activation_checkpointing not in AC_POLICIES:
+            raise ValueError(f"parallel.activation_checkpointing={activation_checkpointing!r}: use {', '.join(AC_POLICIES)}")
+        if activation_checkpointing == "full":
             checkpoint_module(block)
+        elif activation_checkpointing == "selective":
+            checkpoint_module(block.mlp)
         if compile_blocks:  # after checkpointing: the compiled region is the recomputed one
             block.compile()
     return model
@@ -94,4 +101,4 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
 
 __all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims",
            "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "ContextParallelAttention", "gather_sequence",
-           "shard_sequence", "full_rows", "parallelize_dit", "parallelize", "build_partitioned", "checkpoint_module"]
+           "shard_sequence", "full_rows", "AC_POLICIES", "parallelize_dit", "parallelize", "build_partitioned", "checkpoint_module"]

@@ -11,7 +11,9 @@ class ParallelConfig:
     ring: int = 1  # of which context-parallel (keys and values all-gathered); sp / ring is Ulysses (splits heads)
     zero_stage: int = 3
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    activation_checkpointing: bool = False
+    # none | full (each block recomputed in backward) | selective (each block's MLP recomputed: attention
+    # outputs kept, the widest activations, the MLP's hidden ones, dropped)
+    activation_checkpointing: str = "none"
     compile: bool = False  # torch.compile each block (after activation checkpointing, before the engine)
     overlap_comm: bool = True
     contiguous_gradients: bool = True
