@@ -19,7 +19,7 @@ from .engine.checkpoint import dir_bytes, half_written
 from .diffusion import OBJECTIVES, check_sampler
 from .config import model_args
 from .models import VARLEN_KERNELS, build_attention, count_params
-from .parallel import check_degrees
+from .parallel import AC_POLICIES, check_degrees
 
 
 class ConfigError(ValueError):
@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 # nothing; a misspelt choice such as data.oversize=skp behaved as another one).
 CHOICES = {"device": ("auto", "cpu", "cuda"), "data.oversize": ("crop_time", "skip"), "data.balance": ("cost", "tokens"),
            "optim.decay": ("cosine", "constant"), "parallel.precision": ("auto", "bf16", "fp32"),
-           "parallel.activation_checkpointing": ("none", "full", "selective"),
+           "parallel.activation_checkpointing": AC_POLICIES,
            "logging.wandb.mode": ("online", "offline", "disabled")}
 RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup_steps": (0, None),
           "optim.lr": (1e-12, None), "optim.min_lr_ratio": (0.0, 1.0), "optim.grad_clip": (0.0, None),

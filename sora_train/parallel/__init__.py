@@ -1,7 +1,6 @@
-"""Parallelism applied to a plain DiT from outside, in one ordered function: context parallelism (ring, then
-Ulysses around it) -> activation
-checkpointing -> compile (when asked) -> the DeepSpeed engine (ZeRO). Under ZeRO-3 the model is built inside
-`deepspeed.zero.Init`, so no rank ever holds the whole model on its host."""
+"""Parallelism applied to a plain DiT from outside, in one ordered function: sequence parallelism (the ring, then
+Ulysses around it) -> activation checkpointing -> compile (when asked) -> the DeepSpeed engine (ZeRO). Under
+ZeRO-3 the model is built inside `deepspeed.zero.Init`, so no rank ever holds the whole model on its host."""
 
 from __future__ import annotations
 
@@ -11,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .context import ContextParallelAttention
 from .deepspeed_config import ParallelConfig, deepspeed_config, use_bf16
 from .dims import ParallelConfigError, ParallelDims, SequenceParallelMPU, check_degrees, init_distributed
-from .context import ContextParallelAttention
 from .ulysses import UlyssesAttention, gather_sequence, shard_sequence
 
 
@@ -24,7 +23,7 @@ def checkpoint_module(module: nn.Module) -> None:
     module.forward = lambda *args: checkpoint(inner, *args, use_reentrant=False)
 
 
-AC_POLICIES = ("none", "full", "selective")
+AC_POLICIES = ("none", "full", "selective")  # parallel.activation_checkpointing
 
 
 def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointing: str = "none",
@@ -35,9 +34,9 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointi
         model.attention = ContextParallelAttention(model.attention, dims.ring_group)
     if dims.ulysses > 1:
         model.attention = UlyssesAttention(model.attention, dims.ulysses_group)
+    if activation_checkpointing not in AC_POLICIES:
+        raise ValueError(f"parallel.activation_checkpointing={activation_checkpointing!r}: use {', '.join(AC_POLICIES)}")
     for block in model.blocks:
-        if activation_checkpointing not in AC_POLICIES:
-            raise ValueError(f"parallel.activation_checkpointing={activation_checkpointing!r}: use {', '.join(AC_POLICIES)}")
         if activation_checkpointing == "full":
             checkpoint_module(block)
         elif activation_checkpointing == "selective":
@@ -100,5 +99,6 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
 
 
 __all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims",
-           "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "ContextParallelAttention", "gather_sequence",
-           "shard_sequence", "full_rows", "AC_POLICIES", "parallelize_dit", "parallelize", "build_partitioned", "checkpoint_module"]
+           "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "ContextParallelAttention",
+           "gather_sequence", "shard_sequence", "full_rows", "AC_POLICIES", "parallelize_dit", "parallelize",
+           "build_partitioned", "checkpoint_module"]
