@@ -72,7 +72,9 @@ def plan_layout(a: DiTArgs, seq_len: int, sample_tokens: int, text_len: int, c: 
     # recompute); backward reduce-scatters their gradients: the same volume.
     ring_bytes = a.depth * passes * 2 * (seq_len / ring) * (a.dim / ulysses) * BF16 * (ring - 1)
     params = count_params(a)
-    zero_bytes = (passes + 1) * params * BF16 * (c.gpus - 1) / c.gpus  # gathers per pass + gradient reduce-scatter
+    # A parameter gather per pass, and the gradients' reduce-scatter; at sp > 1 an all-reduce instead (twice the
+    # volume: parallel/deepspeed_config.py turns reduce_scatter off there).
+    zero_bytes = (passes + (2 if sp > 1 else 1)) * params * BF16 * (c.gpus - 1) / c.gpus
     ulysses_s = ulysses_bytes / bandwidth(ulysses)
     ring_s = ring_bytes / bandwidth(sp)
     zero_s = zero_bytes / bandwidth(c.gpus)
