@@ -14,20 +14,11 @@
 # OUT gets (8 files at most, for the device tool): device.txt gpu_check.log pytest.log metrics_straight.jsonl
 # metrics_resumed.jsonl bench.json sample.mp4 summary.json.
 set -u
-OUT=${1:?usage: launch/gpu_check.sh OUT [WHEELS_DIR]}
-WHEELS=${2:-.whl}
-cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-WORK=${GPU_CHECK_WORK:-/tmp/sora_gpu_check}
-rm -rf "$WORK" && mkdir -p "$WORK"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
 start=$(date +%s)
 declare -A RESULT
 step() { echo; echo "== $1  ($(( $(date +%s) - start )) s)"; }
-
-step "device and dependencies"
-. launch/gpu_env.sh
+LOG=gpu_check.log WORK=${GPU_CHECK_WORK:-/tmp/sora_gpu_check}
+. "$(dirname "$0")/gpu_env.sh"
 
 step "1. pytest -m gpu"
 timeout 270 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log"

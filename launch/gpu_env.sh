@@ -1,7 +1,16 @@
-# Sourced by the GPU scripts (launch/gpu_check.sh, launch/mfu_gpu.sh) from the repository root, with OUT (the
-# results folder), WORK (scratch) and WHEELS set: records the device, installs this project's dependencies
-# offline from WHEELS where the image lacks them (launch/gpu_wheels.sh makes them on a CPU machine), and puts a
-# tiny random text encoder of MiniLM's width in place where the MiniLM package is missing (TEXT_ARGS).
+# Sourced by the GPU scripts (launch/gpu_check.sh, launch/mfu_gpu.sh), whose arguments are OUT [WHEELS_DIR], with
+# LOG (a file name) and WORK (scratch, emptied) set: moves to the repository root, sends all output to OUT/LOG as
+# well, records the device, installs this project's dependencies offline from WHEELS_DIR (default .whl) where the
+# image lacks them (launch/gpu_wheels.sh makes them on a CPU machine), and puts a tiny random text encoder of
+# MiniLM's width in place where the MiniLM package is missing (TEXT_ARGS).
+OUT=${1:?usage: $0 OUT [WHEELS_DIR]}
+WHEELS=${2:-.whl}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+rm -rf "$WORK" && mkdir -p "$WORK"
+exec > >(tee "$OUT/$LOG") 2>&1
+echo "== device and dependencies"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DS_ACCELERATOR=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

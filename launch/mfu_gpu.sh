@@ -10,17 +10,10 @@
 # 4. a profile of the fastest 1B configuration of steps 1-2 that fits.
 # OUT gets device.txt mfu.log eager.json compiled.json scale.json profile_1b.txt summary.json.
 set -u
-OUT=${1:?usage: launch/mfu_gpu.sh OUT [WHEELS_DIR]}
-WHEELS=${2:-.whl}
-cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-WORK=${GPU_CHECK_WORK:-/tmp/sora_mfu}
-rm -rf "$WORK" && mkdir -p "$WORK"
-exec > >(tee "$OUT/mfu.log") 2>&1
 start=$(date +%s)
 budget=${MFU_BUDGET_S:-480}
-. launch/gpu_env.sh
+LOG=mfu.log WORK=${GPU_CHECK_WORK:-/tmp/sora_mfu}
+. "$(dirname "$0")/gpu_env.sh"
 bench() {
   local limit=$1; shift
   if (( $(date +%s) - start + limit > budget )); then echo "== skipped (budget): sora-bench $*"; return 124; fi
