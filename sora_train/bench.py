@@ -374,9 +374,10 @@ def bench_balance(lengths: str, seq_len: int, dp: int, grad_accum: int, samples:
 
 
 def bench_plan(models: list[str], seq_lens: list[int], gpus: list[int], top: int, sample_tokens: int | None,
-               **cluster) -> list[dict]:
-    """sora_train/plan.py for each preset, row budget and cluster size: the `top` fastest layouts that fit, and
-    the fastest Ulysses-only one beside them (ring=1) when it is not among them."""
+               max_comm: float, **cluster) -> list[dict]:
+    """sora_train/plan.py for each preset, row budget and cluster size: the `top` fastest layouts (those that fit
+    first), then the one needing the least memory among those that fit with communication at most `max_comm` of
+    the step (marked "leanest"), when it is not among them."""
     from .plan import Cluster, plan
 
     out = []
@@ -385,12 +386,11 @@ def bench_plan(models: list[str], seq_lens: list[int], gpus: list[int], top: int
         for s in seq_lens:
             for g in gpus:
                 rows = plan(args, s, Cluster(gpus=g, **cluster), sample_tokens)
-                keep = rows[:top] + [next((r for r in rows if r["ring"] == 1), None)]
-                seen = []
-                for r in keep:
-                    if r is not None and r not in seen:
-                        seen.append(r)
-                        out.append({"model": name, "seq_len": s, "gpus": g, **r})
+                lean = [r for r in rows if r["fits"] and r["comm_share"] <= max_comm]
+                leanest = min(lean, key=lambda r: r["memory_gib"]) if lean else None
+                out += [{"model": name, "seq_len": s, "gpus": g, **r, "leanest": r is leanest} for r in rows[:top]]
+                if leanest is not None and leanest not in rows[:top]:
+                    out.append({"model": name, "seq_len": s, "gpus": g, **leanest, "leanest": True})
     return out
 
 
@@ -441,6 +441,8 @@ def main(argv=None) -> None:
     pp.add_argument("--gpus", type=int, nargs="+", default=[8])
     pp.add_argument("--top", type=int, default=3, help="layouts per case, fastest first")
     pp.add_argument("--sample-tokens", type=int, default=None, help="clip length in the rows (default: one per row)")
+    pp.add_argument("--max-comm", type=float, default=0.05,
+                    help="the leanest layout shown: least memory with at most this share of the step communicating")
     pp.add_argument("--gpus-per-node", type=int, default=8)
     pp.add_argument("--intra-gbps", type=float, default=350.0, help="GB/s per GPU inside a node")
     pp.add_argument("--inter-gbps", type=float, default=45.0, help="GB/s per GPU between nodes")
@@ -472,8 +474,8 @@ def pinned_sdpa(backend: str | None):
 
 def run(a) -> list[dict]:
     if a.what == "plan":
-        results = bench_plan(a.model, a.seq_len, a.gpus, a.top, a.sample_tokens, gpus_per_node=a.gpus_per_node,
-                             intra_gbps=a.intra_gbps, inter_gbps=a.inter_gbps, mfu=a.mfu,
+        results = bench_plan(a.model, a.seq_len, a.gpus, a.top, a.sample_tokens, a.max_comm,
+                             gpus_per_node=a.gpus_per_node, intra_gbps=a.intra_gbps, inter_gbps=a.inter_gbps, mfu=a.mfu,
                              peak_tflops=a.peak_tflops, gpu_mem_gib=a.gpu_mem_gib)
     elif a.what == "packing" and a.lengths:
         results = bench_balance(a.lengths, a.seq_len, a.dp, a.grad_accum, a.samples, a.lookahead, a.model)

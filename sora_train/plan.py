@@ -57,12 +57,11 @@ def row_segments(seq_len: int, sample_tokens: int, text_len: int) -> tuple[torch
     return seg[None], torch.arange(1, n + 1).repeat_interleave(text_len)[None]
 
 
-def plan_layout(a: DiTArgs, seq_len: int, sample_tokens: int, text_len: int, c: Cluster, dp: int, ulysses: int,
-                ring: int, ac: bool = True) -> dict:
+def plan_layout(a: DiTArgs, seq_len: int, fwd: float, params: int, c: Cluster, dp: int, ulysses: int, ring: int,
+                ac: bool = True) -> dict:
+    """One layout; fwd: the forward FLOPs of one row, params: the preset's parameter count."""
     sp = ulysses * ring
     local = seq_len / sp  # tokens per GPU
-    seg, text_seg = row_segments(seq_len, sample_tokens, text_len)
-    fwd = forward_flops(a, seg, text_seg)
     passes = 3 if ac else 2  # forward, backward (+ the forward again under activation checkpointing)
     compute_s = 3 * fwd / sp / (c.peak_tflops * 1e12 * c.mfu)  # MFU credits forward + backward, not the recompute
     bandwidth = lambda ranks_span: (c.intra_gbps if ranks_span <= c.gpus_per_node else c.inter_gbps) * 1e9  # noqa: E731
@@ -71,7 +70,6 @@ def plan_layout(a: DiTArgs, seq_len: int, sample_tokens: int, text_len: int, c: 
     # Ring: each GPU receives the other ring ranks' key/value blocks (its heads) per block, forward (and the
     # recompute); backward reduce-scatters their gradients: the same volume.
     ring_bytes = a.depth * passes * 2 * (seq_len / ring) * (a.dim / ulysses) * BF16 * (ring - 1)
-    params = count_params(a)
     # A parameter gather per pass, and the gradients' reduce-scatter; at sp > 1 an all-reduce instead (twice the
     # volume: parallel/deepspeed_config.py turns reduce_scatter off there).
     zero_bytes = (passes + (2 if sp > 1 else 1)) * params * BF16 * (c.gpus - 1) / c.gpus
@@ -94,6 +92,7 @@ def plan(a: DiTArgs, seq_len: int, cluster: Cluster, sample_tokens: int | None =
          ac: bool = True) -> list[dict]:
     """Every layout of the cluster, fastest (real tokens per second over the cluster) first; a layout that does
     not fit in memory last. `sample_tokens`: the clip length the rows hold (default: one clip per row)."""
-    rows = [plan_layout(a, seq_len, sample_tokens or seq_len, text_len, cluster, dp, u, r, ac)
+    fwd, params = forward_flops(a, *row_segments(seq_len, sample_tokens or seq_len, text_len)), count_params(a)
+    rows = [plan_layout(a, seq_len, fwd, params, cluster, dp, u, r, ac)
             for dp, u, r in layouts(cluster.gpus, a.heads) if seq_len % (u * r) == 0]
     return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))

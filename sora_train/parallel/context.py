@@ -4,7 +4,7 @@ Each ring rank holds one contiguous block of every packed row (all of its Ulysse
 attention backend, the ranks all-gather keys and values (llama3-style context parallelism, Dubey et al. 2024,
 section 3.3.2) and each attends its own queries to the keys their samples can see: the smallest window of the
 row that holds every segment present in the block. Gradients of the gathered keys and values are reduce-
-scattered back (torch.distributed.nn.functional.all_gather's backward).
+scattered back (GatherSequence's backward).
 
 Why all-gather and not a P2P ring with online-softmax merging: packed rows restrict attention to each sample,
 so most (query block, key block) pairs of a ring are empty or partial, and a ring then needs its own
@@ -40,14 +40,14 @@ class GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         n, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        parts = [p.contiguous() for p in grad.chunk(n, ctx.dim)]
         if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            parts = [p.contiguous() for p in grad.chunk(n, ctx.dim)]
             out = torch.empty_like(parts[rank])
             dist.reduce_scatter(out, parts, group=ctx.group)
             return out, None, None
-        grad = torch.cat(parts, ctx.dim)  # gloo has no reduce-scatter: sum everything, keep this rank's slice
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.chunk(n, ctx.dim)[rank].contiguous(), None, None
+        total = grad.contiguous().clone()  # gloo has no reduce-scatter: sum everything, keep this rank's slice
+        dist.all_reduce(total, group=ctx.group)
+        return total.chunk(n, ctx.dim)[rank].contiguous(), None, None
 
 
 def key_window(seg_q: torch.Tensor, seg_k: torch.Tensor) -> tuple[int, int]:
