@@ -46,9 +46,11 @@ def _init_worker(model_dir: str, threads: int) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     torch.set_num_threads(threads)
-    _worker.update(processor=AutoProcessor.from_pretrained(model_dir, local_files_only=True),
-                   model=AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval(),
-                   name=Path(model_dir).name)
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    if getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer.padding_side = "left"  # decoder-only generation continues the right end of each row
+    _worker.update(processor=processor, name=Path(model_dir).name,
+                   model=AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval())
 
 
 def caption_batch(rows: list[dict], frames: list[list[np.ndarray]], prompt: str, max_new_tokens: int) -> list[str]:
@@ -58,8 +60,6 @@ def caption_batch(rows: list[dict], frames: list[list[np.ndarray]], prompt: str,
     texts = [processor.apply_chat_template([{"role": "user", "content": [
         *({"type": "image"} for _ in f), {"type": "text", "text": prompt.format(caption=r["caption"])}]}],
         add_generation_prompt=True) for r, f in zip(rows, frames)]
-    if getattr(processor, "tokenizer", None) is not None:
-        processor.tokenizer.padding_side = "left"  # decoder-only generation continues the right end of each row
     inputs = processor(text=texts, images=frames, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
