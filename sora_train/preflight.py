@@ -19,7 +19,7 @@ from .engine.checkpoint import dir_bytes, half_written
 from .diffusion import OBJECTIVES, check_sampler
 from .config import model_args
 from .models import VARLEN_KERNELS, build_attention, count_params
-from .parallel import AC_POLICIES, check_degrees
+from .parallel import AC_POLICIES, FLOAT8_RECIPES, check_degrees, float8_available
 
 
 class ConfigError(ValueError):
@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 # nothing; a misspelt choice such as data.oversize=skp behaved as another one).
 CHOICES = {"device": ("auto", "cpu", "cuda"), "data.oversize": ("crop_time", "skip"), "data.balance": ("cost", "tokens"),
            "optim.decay": ("cosine", "constant"), "parallel.precision": ("auto", "bf16", "fp32"),
-           "parallel.activation_checkpointing": AC_POLICIES,
+           "parallel.activation_checkpointing": AC_POLICIES, "parallel.float8": FLOAT8_RECIPES,
            "logging.wandb.mode": ("online", "offline", "disabled")}
 RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup_steps": (0, None),
           "optim.lr": (1e-12, None), "optim.min_lr_ratio": (0.0, 1.0), "optim.grad_clip": (0.0, None),
@@ -58,6 +58,22 @@ def check_values(cfg) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible here (torch.cuda.is_available() is False); "
                           "use device=cpu or device=auto")
+    check_float8(cfg)
+
+
+def check_float8(cfg) -> None:
+    """float8 needs torchao and, on CUDA, float8 tensor cores (compute capability 8.9: Ada, Hopper and later).
+    On CPU torch emulates the float8 GEMMs (slowly): the arithmetic is the same, which is what the tests use."""
+    if cfg.parallel.float8 == "none":
+        return
+    why = float8_available()
+    if why:
+        raise ConfigError(f"parallel.float8={cfg.parallel.float8}: {why}")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda and torch.cuda.get_device_capability() < (8, 9):
+        raise ConfigError(f"parallel.float8={cfg.parallel.float8}: {torch.cuda.get_device_name()} (compute capability "
+                          f"{'.'.join(map(str, torch.cuda.get_device_capability()))}) has no float8 tensor cores; "
+                          f"they start at 8.9 (Ada, Hopper); use parallel.float8=none")
 
 
 def checkpoint_bytes(params: int, zero_stage: int) -> int:

@@ -171,6 +171,25 @@ def test_resume_continues_exactly_and_consumes_no_sample_twice(resumed):
     assert positions_equal(straight / "checkpoints" / "step_00000010", part_dir / "checkpoints" / "step_00000010")
 
 
+def test_a_run_resumes_with_float8_under_zero3_and_keeps_the_loss(straight_run, dataset, tmp_path):
+    """parallel.float8 switched on mid-run: the bf16 run's ZeRO-3 checkpoint (2 ranks) loads into the float8 model
+    (the same parameter names), which trains on: losses within float8's error of the uninterrupted run's, and not
+    equal to them (the float8 GEMMs ran)."""
+    import shutil
+
+    pytest.importorskip("torchao.float8")
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(straight_run / "checkpoints" / "step_00000005", ckpts / "step_00000005")
+    (ckpts / "latest").write_text("step_00000005")
+    r = torchrun(2, [*TRAIN, *tiny_model(dataset / "shards", tmp_path / "run", **RESUMABLE,
+                                         **{"optim.steps": 10, "parallel.float8": "tensorwise"})])
+    assert "resumed from" in r.stdout
+    full, fp8 = step_losses(straight_run), step_losses(tmp_path / "run")
+    later = range(6, 11)
+    assert_close([fp8[s] for s in later], [full[s] for s in later], rtol=0.05)
+    assert [fp8[s] for s in later] != [full[s] for s in later]
+
+
 def test_half_written_checkpoint_is_skipped_and_cleaned(resumed):
     _, part_dir, _ = resumed
     ckpts = part_dir / "checkpoints"

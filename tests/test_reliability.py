@@ -162,6 +162,7 @@ def compose(*overrides):
     (["parallel.activation_checkpointing=true"], r"parallel.activation_checkpointing='(T|t)rue': use none, full, selective"),
     (["data.caption_dropout=1.5", "optim.decay=linear"], r"optim.decay='linear'.*data.caption_dropout=1.5: must be between"),
     (["device=cuda"], r"device=cuda but no CUDA device is visible here"),  # CI has no GPU
+    (["parallel.float8=e4m3"], r"parallel.float8='e4m3': use none, tensorwise, rowwise"),
 ])
 def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):
     from sora_train.preflight import ConfigError, preflight
@@ -173,6 +174,19 @@ def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, messa
             preflight(cfg)
     finally:
         os.environ.pop("WORLD_SIZE")
+
+
+def test_float8_without_torchao_is_refused_before_any_work(dataset, tmp_path, monkeypatch):
+    import sys
+
+    from sora_train.preflight import ConfigError, preflight
+
+    cfg = compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}", "parallel.float8=tensorwise")
+    preflight(cfg)  # torchao is a test dependency
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as on a machine without it: the import fails
+    with pytest.raises(ConfigError, match=r"parallel.float8=tensorwise: torchao is not installed .*pip install "
+                                          r"'sora_train\[fp8\]'"):
+        preflight(cfg)
 
 
 def test_the_readmes_quickstart_overrides_compose_and_pass_preflight(dataset, tmp_path):

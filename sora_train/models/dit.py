@@ -150,7 +150,7 @@ class DiT(nn.Module):
             t = torch.cat([t, torch.zeros_like(t)], 1)  # [B,2M]
             sample_of_token = sample_of_token + M * given.long()
         c = self.t_embedder(t)  # [B,M,D] (or [B,2M,D])
-        rope = self.rope.freqs(pos)  # complex [B,S,1,hd/2]
+        rope = self.rope.freqs(pos)  # cos, sin [B,S,1,hd/2,2]
         self_mask = self.attention.prepare(seg, seg)
         txt, cross_mask = None, None
         if self.args.cross_attention:

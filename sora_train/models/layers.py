@@ -110,20 +110,26 @@ class RoPE3D(nn.Module):
         self.theta = theta
 
     def freqs(self, pos: torch.Tensor) -> torch.Tensor:
-        """pos [B,S,3] -> unit complex rotations [B,S,1,head_dim/2] (complex64)."""
+        """pos [B,S,3] -> the rotations' cosines and sines [B,S,1,head_dim/2,2] (float32)."""
         angles = []
         for axis, d in enumerate(self.dims):
             inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))
             angles.append(pos[..., axis : axis + 1].float() * inv)
         a = torch.cat(angles, -1)[:, :, None]
-        return torch.polar(torch.ones_like(a), a)
+        return torch.stack([a.cos(), a.sin()], -1)
 
     @staticmethod
     def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """x [B,S,H,D]: rotate consecutive pairs (x0,x1), (x2,x3), ... as complex numbers (one
-        multiply: 2.3x faster forward+backward on CPU than the cos/sin form with a stack)."""
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+        """x [B,S,H,D]: rotate consecutive pairs (x0,x1), (x2,x3), ... by rot's angles. Eager: one complex
+        multiply (2.3x faster forward+backward on CPU than the real form's separate kernels). Compiled: the real
+        form, because inductor generates no code for complex numbers: the multiply stays an eager kernel between
+        two fp32 buffers, where the real form fuses with the norm before it and the cast after it into one pass."""
+        pairs = x.float().unflatten(-1, (-1, 2))
+        if torch.compiler.is_compiling():
+            (x0, x1), (cos, sin) = pairs.unbind(-1), rot.unbind(-1)
+            return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(x.dtype)
+        rotated = torch.view_as_complex(pairs.contiguous()) * torch.view_as_complex(rot)
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 class SelfAttention(nn.Module):

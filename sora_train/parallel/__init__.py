@@ -1,5 +1,6 @@
 """Parallelism applied to a plain DiT from outside, in one ordered function: sequence parallelism (the ring, then
-Ulysses around it) -> activation checkpointing -> compile (when asked) -> the DeepSpeed engine (ZeRO). Under
+Ulysses around it) -> float8 linear layers (when asked) -> activation checkpointing -> compile (when asked) -> the
+DeepSpeed engine (ZeRO). Under
 ZeRO-3 the model is built inside `deepspeed.zero.Init`, so no rank ever holds the whole model on its host."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .context import ContextParallelAttention
 from .deepspeed_config import ParallelConfig, deepspeed_config, use_bf16
+from .float8 import FLOAT8_RECIPES, convert_to_float8, float8_available
 from .dims import ParallelConfigError, ParallelDims, SequenceParallelMPU, check_degrees, init_distributed
 from .ulysses import UlyssesAttention, gather_sequence, shard_sequence
 
@@ -27,7 +29,7 @@ AC_POLICIES = ("none", "full", "selective")  # parallel.activation_checkpointing
 
 
 def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointing: str = "none",
-                    compile_blocks: bool = False) -> nn.Module:
+                    compile_blocks: bool = False, float8: str = "none") -> nn.Module:
     # USP (sp = ulysses x ring): Ulysses' all-to-all turns a rank's chunk into its ring rank's block of the row
     # (fewer heads), the ring gathers keys and values across blocks, the backend attends; and back.
     if dims.ring > 1:
@@ -36,6 +38,7 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointi
         model.attention = UlyssesAttention(model.attention, dims.ulysses_group)
     if activation_checkpointing not in AC_POLICIES:
         raise ValueError(f"parallel.activation_checkpointing={activation_checkpointing!r}: use {', '.join(AC_POLICIES)}")
+    convert_to_float8(model, float8)  # before checkpointing and compile: both then see the float8 layers
     for block in model.blocks:
         if activation_checkpointing == "full":
             checkpoint_module(block)
@@ -89,7 +92,7 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
     ds_config["checkpoint"]["load_universal"] = load_universal
     mpu = SequenceParallelMPU(dims) if dims.sp > 1 else None
     model = parallelize_dit(build_partitioned(build_model, ds_config, mpu), dims, p.activation_checkpointing,
-                            p.compile)
+                            p.compile, p.float8)
     if init_weights is not None:
         init_weights(model)
     optimizer, schedule = build_optimizer(o, model, cuda)
@@ -100,5 +103,6 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
 
 __all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims",
            "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "ContextParallelAttention",
-           "gather_sequence", "shard_sequence", "full_rows", "AC_POLICIES", "parallelize_dit", "parallelize",
+           "gather_sequence", "shard_sequence", "full_rows", "AC_POLICIES", "FLOAT8_RECIPES", "convert_to_float8",
+           "float8_available", "parallelize_dit", "parallelize",
            "build_partitioned", "checkpoint_module"]

@@ -15,6 +15,9 @@ class ParallelConfig:
     # outputs kept, the widest activations, the MLP's hidden ones, dropped)
     activation_checkpointing: str = "none"
     compile: bool = False  # torch.compile each block (after activation checkpointing, before the engine)
+    # none | tensorwise | rowwise: the blocks' token-wide linear layers in float8 (torchao; Hopper and later;
+    # parallel/float8.py says which layers). tensorwise is the faster, rowwise the closer to bf16.
+    float8: str = "none"
     overlap_comm: bool = True
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 50_000_000
