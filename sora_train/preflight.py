@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 CHOICES = {"device": ("auto", "cpu", "cuda"), "data.oversize": ("crop_time", "skip"), "data.balance": ("cost", "tokens"),
            "optim.decay": ("cosine", "constant"), "parallel.precision": ("auto", "bf16", "fp32"),
            "parallel.activation_checkpointing": AC_POLICIES, "parallel.float8": FLOAT8_RECIPES,
+           "parallel.zero3_gather": ("block", "module"),
            "logging.wandb.mode": ("online", "offline", "disabled")}
 RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup_steps": (0, None),
           "optim.lr": (1e-12, None), "optim.min_lr_ratio": (0.0, 1.0), "optim.grad_clip": (0.0, None),
@@ -126,6 +127,9 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
                           f"or parallel.zero_stage=0")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0-3")
+    if cfg.parallel.compile and cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_gather == "module":
+        raise ConfigError("parallel.compile with parallel.zero3_gather=module: ZeRO-3's per-layer hooks break the "
+                          "compiled block's graph at every layer; use parallel.zero3_gather=block")
     manifest = check_data_sources(cfg, world // max(cfg.parallel.sp, 1)) if check_data else None
     out = Path(cfg.out_dir)
     try:

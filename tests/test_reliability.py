@@ -163,6 +163,9 @@ def compose(*overrides):
     (["data.caption_dropout=1.5", "optim.decay=linear"], r"optim.decay='linear'.*data.caption_dropout=1.5: must be between"),
     (["device=cuda"], r"device=cuda but no CUDA device is visible here"),  # CI has no GPU
     (["parallel.float8=e4m3"], r"parallel.float8='e4m3': use none, tensorwise, rowwise"),
+    (["parallel.zero3_gather=layer"], r"parallel.zero3_gather='layer': use block, module"),
+    (["parallel.compile=true", "parallel.zero_stage=3", "parallel.zero3_gather=module", "optim.name=adamw"],
+     r"ZeRO-3's per-layer hooks break the compiled block's graph at every layer"),
 ])
 def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):
     from sora_train.preflight import ConfigError, preflight

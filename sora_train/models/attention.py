@@ -1,6 +1,6 @@
 """Attention over packed rows, restricted by segment ids, behind one interface.
 
-A backend is an nn.Module with no parameters:
+A backend is an AttentionBackend, a plain callable (it holds no parameters):
   prepare(seg_q [B,Sq], seg_k [B,Sk]) -> mask object   (once per forward, reused by every layer)
   forward(q [B,Sq,H,D], k [B,Sk,H,D], v [B,Sk,H,D], mask) -> [B,Sq,H,D]   (`mask` by that name:
   Ulysses passes it by keyword)
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def segment_mask(seg_q: torch.Tensor, seg_k: torch.Tensor) -> torch.Tensor:
@@ -23,7 +22,23 @@ def segment_mask(seg_q: torch.Tensor, seg_k: torch.Tensor) -> torch.Tensor:
     return m[:, None]
 
 
-class NaiveAttention(nn.Module):
+class AttentionBackend:
+    """What every backend (and the sequence-parallel wrappers, sora_train/parallel) derives from. Not an
+    nn.Module on purpose: as a module of the DiT it was hooked by ZeRO-3 like every module, and those hooks,
+    called from inside a compiled block, broke its graph at each attention and recompiled to dynamo's limit
+    (measured; tests/test_distributed.py). A backend has no parameters or buffers for a module to carry."""
+
+    def __call__(self, q, k, v, mask):
+        return self.forward(q, k, v, mask)
+
+    def prepare(self, seg_q: torch.Tensor, seg_k: torch.Tensor):
+        raise NotImplementedError
+
+    def forward(self, q, k, v, mask):
+        raise NotImplementedError
+
+
+class NaiveAttention(AttentionBackend):
     def prepare(self, seg_q, seg_k):
         return segment_mask(seg_q, seg_k)
 
@@ -33,7 +48,7 @@ class NaiveAttention(nn.Module):
         return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1).to(v.dtype), v)
 
 
-class SDPAAttention(nn.Module):
+class SDPAAttention(AttentionBackend):
     """torch SDPA with a dense block-diagonal boolean mask: simple, O(S^2) mask memory."""
 
     def prepare(self, seg_q, seg_k):
@@ -44,11 +59,10 @@ class SDPAAttention(nn.Module):
         return out.transpose(1, 2)
 
 
-class FlexAttention(nn.Module):
+class FlexAttention(AttentionBackend):
     """flex_attention with a block mask: skips fully masked blocks. GPU path (backward is CUDA-only)."""
 
     def __init__(self, compile: bool = True):
-        super().__init__()
         from torch.nn.attention.flex_attention import flex_attention
 
         self._fn = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
@@ -82,7 +96,7 @@ def varlen_lengths(seg_q: torch.Tensor, seg_k: torch.Tensor, max_segments: int) 
     return torch.cat([lq, pq], 1).flatten(), torch.cat([lk, pk], 1).flatten()
 
 
-class VarlenAttention(nn.Module):
+class VarlenAttention(AttentionBackend):
     """Attention over the packed rows as one batch of variable-length sequences (cu_seqlens): no
     masked work at all. Kernel, best first: flash-attn's `flash_attn_varlen_func` (the optional CUDA
     extra); torch's own `varlen_attn` (the same flash kernel, shipped with torch >= 2.10, CUDA only,
@@ -100,7 +114,6 @@ class VarlenAttention(nn.Module):
     LONG_SAMPLE_TOKENS = 8192  # between the two measured points above (4k: varlen wins; ~11k: SDPA wins)
 
     def __init__(self, max_segments: int = 64, kernel: str | None = None):
-        super().__init__()
         self.max_segments = max_segments
         try:
             from flash_attn import flash_attn_varlen_func
@@ -158,7 +171,7 @@ class VarlenAttention(nn.Module):
         return torch.cat(outs).reshape(B, Sq, H, D)
 
 
-def build_attention(name: str, max_segments: int = 64) -> nn.Module:
+def build_attention(name: str, max_segments: int = 64) -> AttentionBackend:
     if name == "naive":
         return NaiveAttention()
     if name == "sdpa":

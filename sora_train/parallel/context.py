@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from ..models.attention import AttentionBackend
 
 from .ulysses import gather_sequence
 
@@ -61,12 +61,11 @@ def key_window(seg_q: torch.Tensor, seg_k: torch.Tensor) -> tuple[int, int]:
     return (0, seg_k.shape[1]) if hi == 0 else (lo, hi)
 
 
-class ContextParallelAttention(nn.Module):
+class ContextParallelAttention(AttentionBackend):
     """Wraps an attention backend (models/attention.py's interface). Queries stay local; keys and values are
     gathered over `group` in rank order (ring rank j holds block j of the row)."""
 
-    def __init__(self, inner: nn.Module, group):
-        super().__init__()
+    def __init__(self, inner: AttentionBackend, group):
         self.inner, self.group = inner, group
 
     def prepare(self, seg_q: torch.Tensor, seg_k: torch.Tensor) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from ..models.attention import AttentionBackend
 
 
 def gather_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
@@ -23,9 +23,8 @@ def shard_sequence(x: torch.Tensor, sp_rank: int, sp: int, dim: int = 1) -> torc
     return x.chunk(sp, dim)[sp_rank] if sp > 1 else x
 
 
-class UlyssesAttention(nn.Module):
-    def __init__(self, inner: nn.Module, sp_group):
-        super().__init__()
+class UlyssesAttention(AttentionBackend):
+    def __init__(self, inner: AttentionBackend, sp_group):
         from deepspeed.sequence.layer import DistributedAttention
 
         self.inner, self.group = inner, sp_group

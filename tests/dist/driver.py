@@ -55,6 +55,7 @@ def run(out, overrides):
         batches.append(b)
         if len(batches) == n_global:
             break
+    torch._dynamo.reset()  # each compiled run compiles afresh: its graph counts are its own
     trainer = build(cfg, loader=None)
     dims = trainer.dims
     from deepspeed.utils import safe_get_full_grad, safe_get_full_fp32_param
@@ -78,6 +79,12 @@ def run(out, overrides):
     params = {n: safe_get_full_fp32_param(p) if trainer.cfg.parallel.zero_stage else p.detach()
               for n, p in trainer.engine.module.named_parameters()}
     if dims.is_main:
+        from torch._dynamo.utils import counters  # what the compiled runs compiled (empty when dynamo is off)
+
+        record["graphs"] = counters["stats"]["unique_graphs"]
+        record["graph_breaks"] = sorted({why.strip().split("\n")[0] + " " + why.split("function ")[-1][:60]
+                                         for why in counters["graph_break"]})
+        counters.clear()
         record["grads_step1"] = {n: g.flatten()[:2000].tolist() for n, g in grads.items() if g is not None}
         record["params"] = {n: p.flatten()[:2000].tolist() for n, p in params.items()}
         with open(out, "w") as f:
