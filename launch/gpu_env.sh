@@ -15,15 +15,15 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DS_ACCELERATOR=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-if ! "$PY" -c "import deepspeed, webdataset, hydra, omegaconf, av, braceexpand, pydantic" 2>/dev/null; then
+if ! "$PY" -c "import deepspeed, webdataset, hydra, omegaconf, av, braceexpand, pydantic, torchao" 2>/dev/null; then
   [ -d "$WHEELS" ] || { echo "missing dependencies and no wheels in $WHEELS (launch/gpu_wheels.sh)"; exit 2; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WHEELS"/*.whl || exit 2
   export PYTHONPATH="$PYTHONPATH:$WORK/site"
 fi
 "$PY" - <<'EOF' | tee -a "$OUT/device.txt"
-import torch, deepspeed, transformers
-print("torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__,
-      "transformers", transformers.__version__, "device", torch.cuda.get_device_name())
+import torch, deepspeed, torchao, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__, "torchao",
+      torchao.__version__, "transformers", transformers.__version__, "device", torch.cuda.get_device_name())
 try:
     import flash_attn
     print("flash_attn", flash_attn.__version__)

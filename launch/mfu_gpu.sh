@@ -1,57 +1,106 @@
 #!/usr/bin/env bash
 # The MFU levers of docs/performance.md, measured through the trainer's step (sora-bench model: build(), the
-# DeepSpeed engine, Trainer.train_step, EMA on) in one call: ~8 minutes on one H100/H200, or what fits in
-# MFU_BUDGET_S seconds (default 480; after launch/gpu_check.sh in the same lease, what the lease has left): a
-# step whose own time limit no longer fits is skipped, in the order below, and the rest still reports.
+# DeepSpeed engine, Trainer.train_step, EMA on) in one call: ~11 minutes on one H100/H200, or what fits in
+# MFU_BUDGET_S seconds (default 600; after launch/gpu_check.sh in the same lease, what the lease has left). The
+# calls go most informative first; one whose own time limit no longer fits is skipped and the rest still report.
 #   bash launch/mfu_gpu.sh OUT [WHEELS_DIR]
-# 1. the 1B preset at 64k tokens, activation checkpointing full | selective | none, eager;
-# 2. the same with each block compiled (parallel.compile: the attention kernels stay out of the graph);
-# 3. XL and B at 16k (scale), full and none;
-# 4. a profile of the fastest 1B configuration of steps 1-2 that fits.
-# OUT gets device.txt mfu.log eager.json compiled.json scale.json profile_1b.txt summary.json.
+# The baseline (ZeRO-3, eager, full checkpointing) is gpu_check.sh's step 4; here, the 1B preset at 64k tokens:
+#   compiled   each block compiled (ZeRO-3 gathers per block; attention kernels left out), AC none|selective|full
+#   float8     the same with the blocks' linear layers in float8 (torchao tensorwise), AC none|selective
+#   eager      AC none|selective, to tell compile's share from checkpointing's
+#   zero       ZeRO-1 compiled (no parameter hooks at all) and ZeRO-3 gathering per layer (DeepSpeed's default)
+#   profile    a profile of the fastest configuration so far
+#   parity     float8 vs bf16 loss over 300 steps of the tiny model on synthetic shards encoded here
+#   scale      XL and B at 16k tokens, compiled, AC none|full
+# OUT gets device.txt mfu.log rows.json (every measured row, with its lever) summary.json profile_1b.txt parity.json.
 set -u
 start=$(date +%s)
-budget=${MFU_BUDGET_S:-480}
+budget=${MFU_BUDGET_S:-600}
 LOG=mfu.log WORK=${GPU_CHECK_WORK:-/tmp/sora_mfu}
 . "$(dirname "$0")/gpu_env.sh"
-bench() {
-  local limit=$1; shift
-  if (( $(date +%s) - start + limit > budget )); then echo "== skipped (budget): sora-bench $*"; return 124; fi
-  echo "== sora-bench $*  ($(( $(date +%s) - start )) s)"; timeout "$limit" "$PY" -m sora_train.bench "$@"
+fits() { (( $(date +%s) - start + $1 <= budget )) || { echo "== skipped (budget): $2"; return 1; }; }
+bench() {  # bench LIMIT LEVER sora-bench-args...
+  local limit=$1 lever=$2; shift 2
+  fits "$limit" "$lever: sora-bench $*" || return 124
+  echo "== $lever: sora-bench $*  ($(( $(date +%s) - start )) s)"
+  timeout "$limit" "$PY" -m sora_train.bench "$@" --json "$WORK/$lever.json"
 }
+M1B=(model --model 1B --seq-len 65536 --steps 3 --warmup 2)
 
-bench 150 model --model 1B --seq-len 65536 --ac full selective none --steps 3 --warmup 2 --json "$OUT/eager.json"
-bench 240 model --model 1B --seq-len 65536 --ac full selective none --steps 3 --warmup 2 \
-    --override parallel.compile=true --json "$OUT/compiled.json"
-bench 100 model --model XL --seq-len 16384 --ac full none --steps 3 --warmup 2 --json "$WORK/xl.json"
-bench 60 model --model B --seq-len 16384 --ac full none --steps 3 --warmup 2 --json "$WORK/b.json"
-"$PY" -c "import json, os, sys; print(json.dumps([r for p in sys.argv[1:] if os.path.exists(p) for r in json.load(open(p))], indent=1))" \
-    "$WORK/xl.json" "$WORK/b.json" > "$OUT/scale.json"
+bench 200 compiled "${M1B[@]}" --ac none selective full --override parallel.compile=true
+bench 150 float8 "${M1B[@]}" --ac none selective --override parallel.compile=true parallel.float8=tensorwise
+bench 90 eager "${M1B[@]}" --ac none selective
+bench 90 zero1 "${M1B[@]}" --ac none --override parallel.compile=true parallel.zero_stage=1
+bench 60 layer_gather "${M1B[@]}" --ac full --override parallel.zero3_gather=module
 
-best=$("$PY" - "$OUT" <<'EOF'
+rows() { "$PY" - "$WORK" <<'EOF'
 import json, sys
 from pathlib import Path
 rows = []
-for name, compiled in (("eager.json", False), ("compiled.json", True)):
-    p = Path(sys.argv[1]) / name
-    rows += [(r, compiled) for r in (json.loads(p.read_text()) if p.exists() else []) if "step_s" in r]
-if rows:
-    r, compiled = min(rows, key=lambda rc: rc[0]["step_s"])
-    print(r["activation_checkpointing"], "true" if compiled else "false")
+for p in sorted(Path(sys.argv[1]).glob("*.json")):
+    if p.stem not in ("parity", "profiled"):
+        rows += [{"lever": p.stem, **r} for r in json.loads(p.read_text())]
+print(json.dumps(rows, indent=1))
 EOF
-)
-if [ -n "$best" ]; then
+}
+best=$(rows | "$PY" -c "
+import json, sys
+rows = [r for r in json.load(sys.stdin) if r.get('seq_len') == 65536 and 'step_s' in r]
+if rows:
+    r = min(rows, key=lambda r: r['step_s'])
+    print(r['activation_checkpointing'], 'parallel.compile=%s' % str(r['compile']).lower(),
+          'parallel.zero_stage=%d' % r['zero_stage'], 'parallel.float8=' + r['float8'], 'parallel.zero3_gather=' + r['zero3_gather'])")
+if [ -n "$best" ] && fits 120 "profile"; then
   set -- $best
-  bench 150 model --model 1B --seq-len 65536 --ac "$1" --steps 2 --warmup 2 --override parallel.compile="$2" \
+  ac=$1; shift
+  echo "== profile: --ac $ac --override $*"
+  timeout 120 "$PY" -m sora_train.bench "${M1B[@]}" --steps 2 --ac "$ac" --override "$@" \
       --profile "$OUT/profile_1b.txt" --json "$WORK/profiled.json" | grep -v '^ '
 fi
+
+# float8's loss against bf16: the quickstart's tiny model as a cluster run (AdamW, bf16, ZeRO-3) for 300 steps
+if fits 240 "parity"; then
+  echo "== parity: float8 vs bf16, 300 steps  ($(( $(date +%s) - start )) s)"
+  timeout 60 "$PY" -m data_tools.synthetic --out "$WORK/raw" --num-clips 96 --seed 0 --min-size 32 --max-size 96 \
+    --min-frames 8 --max-frames 24 >/dev/null &&
+  timeout 90 "$PY" -m data_tools.encode --captions "$WORK/raw/captions.jsonl" --out "$WORK/shards" --max-pixels 4096 \
+    --max-frames 8 --min-frames 8 --span --clips-per-shard 24 --workers 1 --no-progress "${TEXT_ARGS[@]}" >/dev/null
+  for f8 in none tensorwise; do
+    timeout 120 "$PY" -m sora_train.train experiment=quickstart data.train="$WORK/shards" optim.name=adamw \
+      optim.lr=1e-3 optim.steps=300 parallel.zero_stage=3 parallel.precision=bf16 parallel.float8=$f8 \
+      data.seq_len=4096 checkpoint.every=0 logging.every=10 logging.val_every=0 logging.wandb.mode=disabled \
+      out_dir="$WORK/parity_$f8" 2>&1 | grep -E "^sora-train|^step +(100|200|300) |Error"
+  done
+  "$PY" - "$WORK" "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+def losses(name):
+    p = work / f"parity_{name}" / "metrics.jsonl"
+    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r} if p.exists() else {}
+bf16, fp8 = losses("none"), losses("tensorwise")
+steps = sorted(set(bf16) & set(fp8))
+last = [s for s in steps if s > 200]
+mean = lambda d: sum(d[s] for s in last) / max(len(last), 1)
+res = {"steps": len(steps), "bf16_mean_loss_201_300": mean(bf16), "float8_mean_loss_201_300": mean(fp8),
+       "rel_diff": (mean(fp8) - mean(bf16)) / mean(bf16) if last else None,
+       "curves": {"bf16": [bf16[s] for s in steps], "float8": [fp8[s] for s in steps]}}
+(out / "parity.json").write_text(json.dumps(res))
+print({k: v for k, v in res.items() if k != "curves"})
+EOF
+fi
+
+bench 100 scale_xl model --model XL --seq-len 16384 --ac none full --steps 3 --warmup 2 --override parallel.compile=true
+bench 60 scale_b model --model B --seq-len 16384 --ac none full --steps 3 --warmup 2 --override parallel.compile=true
+
+rows > "$OUT/rows.json"
 "$PY" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-keys = ("model", "seq_len", "activation_checkpointing", "compile", "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "error")
-summary = {name: [{k: r.get(k) for k in keys if k in r} for r in json.loads((out / name).read_text())]
-           for name in ("eager.json", "compiled.json", "scale.json") if (out / name).exists()}
+keys = ("lever", "model", "seq_len", "activation_checkpointing", "compile", "float8", "zero_stage", "zero3_gather",
+        "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "error")
+summary = [{k: r.get(k) for k in keys if k in r} for r in json.loads((out / "rows.json").read_text())]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))
 EOF

@@ -134,7 +134,8 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
     kernel = kernel_name(trainer.engine.module.attention, attention, device, trainer.dtype, b.seg.to(device))
     res = {"path": "trainer", "params": params, "seq_len": seq_len, "rows": rows, "attention": attention,
            "kernel": kernel, "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac,
-           "compile": cfg.parallel.compile, "zero_stage": cfg.parallel.zero_stage, "optimizer": cfg.optim.name,
+           "compile": cfg.parallel.compile, "float8": cfg.parallel.float8, "zero_stage": cfg.parallel.zero_stage,
+           "zero3_gather": cfg.parallel.zero3_gather, "optimizer": cfg.optim.name,
            "dtype": str(trainer.dtype),
            "step_s": dt, "tokens_per_s": b.real_tokens * cfg.optim.grad_accum / dt, **achieved(flops, dt, peak),
            "device": device_name(device)}

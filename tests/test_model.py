@@ -448,3 +448,14 @@ def test_float8_swaps_the_token_wide_linears_keeps_the_names_and_the_function_wi
     assert FLOAT8_RECIPES == ("none", "tensorwise", "rowwise")
     with pytest.raises(ValueError, match="parallel.float8='e4m3'"):
         convert_to_float8(copy.deepcopy(plain), "e4m3")
+
+
+def test_a_model_cast_whole_to_bf16_computes_the_float32_function():
+    """model.to(torch.bfloat16) casts buffers too: the fractional positions' wave table became bf16 and its product
+    with the float32 fractions failed (the CUDA tests cast models so)."""
+    model, batch, t = trained_model(), pack(make_items(3)), torch.rand(1, ARGS.max_segments)
+    with torch.no_grad():
+        ref = run(model, batch, t)
+        batch.tokens, batch.text = batch.tokens.bfloat16(), batch.text.bfloat16()
+        out = run(model.to(torch.bfloat16), batch, t.bfloat16()).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-2

@@ -93,7 +93,7 @@ class FractionalPositions(nn.Module):
     def features(self, pos: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
         """pos, extent [B,S,3] (extent = the sample's grid) -> [B,S,2F] sin and cos of each wave."""
         frac = (pos.float() + 0.5) / extent.float().clamp(min=1.0)  # in (0, 1): half-periods never wrap
-        a = frac @ self.waves.T  # [B,S,F]
+        a = frac @ self.waves.float().T  # [B,S,F]; float32 even in a model cast whole to bf16 (module.to(dtype))
         return torch.cat([a.sin(), a.cos()], -1)
 
     def forward(self, pos: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
