@@ -6,7 +6,7 @@ Compute is models/flops.py's count at an assumed MFU (default: the best measured
 docs/performance.md). Activation memory is calibrated on the measured single-GPU steps of that table: ~35
 bf16 [tokens, dim] tensors per block without activation checkpointing (B at 64k: 41.4 GiB), one per block plus
 ~30 for the block being recomputed with it (1B at 64k: 19.7 GiB); docs/performance.md lists the check against
-the other measured rows. Sequence-parallel traffic is on the critical path (attention waits for it); ZeRO-3's
+the other measured rows. ZeRO-3 adds two blocks' gathered bf16 weights (the one computing, the next one arriving). Sequence-parallel traffic is on the critical path (attention waits for it); ZeRO-3's
 parameter gathers and gradient reduce-scatters are prefetched and overlapped, so only their excess over
 compute counts.
 """
@@ -80,7 +80,9 @@ def plan_layout(a: DiTArgs, seq_len: int, fwd: float, params: int, c: Cluster, d
     row = local * a.dim * BF16
     activations = (a.depth + ACT_TENSORS_RECOMPUTE if ac else a.depth * ACT_TENSORS_PER_BLOCK) * row
     gathered_kv = 2 * seq_len * (a.dim / ulysses) * BF16 if ring > 1 else 0  # one block's, while it attends
-    memory = params * STATE_BYTES / c.gpus + activations + gathered_kv
+    # ZeRO-3 gathers a block at a time and prefetches the next (parallel.gather_per_block): two blocks' bf16 weights
+    gathered_params = 2 * params / a.depth * BF16
+    memory = params * STATE_BYTES / c.gpus + activations + gathered_kv + gathered_params
     return {"dp": dp, "ulysses": ulysses, "ring": ring, "tokens_per_gpu": int(local),
             "memory_gib": memory / GIB, "fits": memory / GIB <= c.gpu_mem_gib, "compute_s": compute_s,
             "ulysses_s": ulysses_s, "ring_s": ring_s, "zero_s": zero_s, "step_s": step_s,

@@ -33,14 +33,15 @@ def runs(dataset, tmp_path_factory):
     """One process accumulating the global batch (ZeRO-3, and the quickstart's stage 0) vs ZeRO-3 DP=2, SP=2, and DP=2 x SP=2."""
     tmp, shards = tmp_path_factory.mktemp("dist"), dataset / "shards"
     five, three, muon = ["optim.steps=5"], ["optim.steps=3", "optim.grad_accum=1"], ["optim.name=muon", "optim.grad_clip=0"]
+    small_buckets = ["parallel.stage3_prefetch_bucket_size=1000", "parallel.stage3_max_live_parameters=1000"]
     cond = ["diffusion.condition.first=0.4", "diffusion.condition.first_last=0.3", "diffusion.condition.random=0.2"]
     return {
         **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
                 single_cond=[*three, *cond],
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
-        **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1"],
-                dp2_layer_gather=[*five, "optim.grad_accum=1", "parallel.zero3_gather=module"], muon_dp2=[*five, "optim.grad_accum=1", *muon],
+        **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1", *small_buckets],
+                dp2_layer_gather=[*five, "optim.grad_accum=1", "parallel.zero3_gather=module", *small_buckets], muon_dp2=[*five, "optim.grad_accum=1", *muon],
                 sp2=[*three, "parallel.sp=2"], sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
                 sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"]),
         **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"],
@@ -63,6 +64,10 @@ def test_zero3_gathers_a_block_at_once_with_the_same_result_as_layer_by_layer(ru
     a, b = runs["dp2_layer_gather"], runs["dp2"]
     assert b["loss"] == a["loss"] and b["grad_norm"] == a["grad_norm"]
     assert b["params"] == a["params"]
+    # Both ran with 1000-parameter buckets: per block, they grow so that the next block's gather can overlap.
+    block = b["zero3"]["block_params"]
+    assert block > 1000 and b["zero3"]["prefetch"] == block and b["zero3"]["max_live"] == 2 * block, b["zero3"]
+    assert a["zero3"]["prefetch"] == 1000 and a["zero3"]["max_live"] == 1000, a["zero3"]
 
 
 @pytest.fixture(scope="module")

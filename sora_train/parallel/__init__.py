@@ -66,6 +66,21 @@ def full_rows(module: nn.Module, dims: ParallelDims, dtype: torch.dtype) -> Call
     return forward
 
 
+def gather_per_block(model: nn.Module, zero: dict) -> None:
+    """ZeRO-3 gathers each block's parameters at once (DeepSpeed's leaf modules): it hooks the block, none of its
+    layers. Fewer hooks, and compiled blocks hold no hook (each one, called inside the graph, broke it and
+    recompiled per layer type to dynamo's limit: 38 graphs and 52 breaks for the tiny model vs 7 and 6, measured).
+    The prefetch bucket and the live-parameter limit grow to a block and two (the one computing, the next one
+    arriving) where they are smaller, so the next block's gather overlaps this one's compute, as `sora-bench plan`
+    assumes: at the 30B preset a block is 831M parameters against DeepSpeed's 50M bucket."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, [type(model.blocks[0])])
+    block = sum(getattr(q, "ds_numel", q.numel()) for q in model.blocks[0].parameters())
+    zero["stage3_prefetch_bucket_size"] = max(zero["stage3_prefetch_bucket_size"], block)
+    zero["stage3_max_live_parameters"] = max(zero["stage3_max_live_parameters"], 2 * block)
+
+
 def build_partitioned(build_model: Callable[[], nn.Module], ds_config: dict, mpu=None) -> nn.Module:
     """Builds the model; at ZeRO stage 3 inside `deepspeed.zero.Init`, partitioned over the whole world as the
     engine's ZeRO-3 partitions it (the SP mpu's sequence-data-parallel group). Each module initialises its own
@@ -97,12 +112,7 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
     model = parallelize_dit(build_partitioned(build_model, ds_config, mpu), dims, p.activation_checkpointing,
                             p.compile, p.float8)
     if p.zero_stage == 3 and p.zero3_gather == "block":
-        # One gather per block instead of one per layer: ZeRO-3 hooks the block only, none of its layers. Fewer
-        # hooks, and compiled blocks hold no hook (each one, called inside the graph, broke it and recompiled
-        # per layer type to dynamo's limit: 38 graphs and 52 breaks for the tiny model vs 7 and 6, measured).
-        from deepspeed.utils import set_z3_leaf_modules
-
-        set_z3_leaf_modules(model, [type(model.blocks[0])])
+        gather_per_block(model, ds_config["zero_optimization"])
     if init_weights is not None:
         init_weights(model)
     optimizer, schedule = build_optimizer(o, model, cuda)
@@ -115,4 +125,4 @@ __all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigErro
            "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "ContextParallelAttention",
            "gather_sequence", "shard_sequence", "full_rows", "AC_POLICIES", "FLOAT8_RECIPES", "convert_to_float8",
            "float8_available", "parallelize_dit", "parallelize",
-           "build_partitioned", "checkpoint_module"]
+           "build_partitioned", "checkpoint_module", "gather_per_block"]

@@ -27,6 +27,7 @@ class ParallelConfig:
     allgather_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000  # (with zero3_gather=block both grow to fit blocks: parallelize)
     timeout_s: float = 600.0  # collective timeout: a dead rank fails the job instead of hanging it
 
 
@@ -45,6 +46,7 @@ def deepspeed_config(p: ParallelConfig, micro_rows: int, grad_accum: int, dp: in
     if p.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=p.stage3_prefetch_bucket_size,
                     stage3_param_persistence_threshold=p.stage3_param_persistence_threshold,
+                    stage3_max_live_parameters=p.stage3_max_live_parameters,
                     # reduce_scatter averages gradients over SP ranks as well (measured: half the SP=1
                     # norm); the all-reduce path sums over SP and divides by dp, which is what we need.
                     # Muon orthogonalises whole gradient matrices, which DeepSpeed refuses to do after a
