@@ -109,6 +109,8 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
     import shutil
     import tempfile
 
+    from torch._dynamo.utils import counters
+
     from .models.flops import achieved, train_flops
     from .train import build
 
@@ -121,11 +123,17 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
 
     args = model_args(cfg.model)
     loader = SyntheticPackedLoader(args, seq_len, rows)
+    torch._dynamo.reset()  # each configuration compiles afresh, so its graph counts are its own
+    counters.clear()
     trainer = build(cfg, loader=loader)
     device, batches = trainer.device, iter(loader)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dt = timed(lambda: trainer.train_step(batches), steps, warmup, device)
+    # What compile made of the blocks: few graphs, breaks only at the attention kernels, frames compiled once
+    # (a frame compiled again and again is a recompile per step)
+    compiled = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+                "compiled_frames": counters["frames"]["ok"]} if cfg.parallel.compile else {}
     if profile:
         write_profile(lambda: trainer.train_step(batches), device, profile)
     b = loader.batch
@@ -136,7 +144,7 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
            "kernel": kernel, "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac,
            "compile": cfg.parallel.compile, "float8": cfg.parallel.float8, "zero_stage": cfg.parallel.zero_stage,
            "zero3_gather": cfg.parallel.zero3_gather, "optimizer": cfg.optim.name,
-           "dtype": str(trainer.dtype),
+           "dtype": str(trainer.dtype), **compiled,
            "step_s": dt, "tokens_per_s": b.real_tokens * cfg.optim.grad_accum / dt, **achieved(flops, dt, peak),
            "device": device_name(device)}
     if device.type == "cuda":
