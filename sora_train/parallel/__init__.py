@@ -69,7 +69,7 @@ def full_rows(module: nn.Module, dims: ParallelDims, dtype: torch.dtype) -> Call
 def gather_per_block(model: nn.Module, zero: dict) -> None:
     """ZeRO-3 gathers each block's parameters at once (DeepSpeed's leaf modules): it hooks the block, none of its
     layers. Fewer hooks, and compiled blocks hold no hook (each one, called inside the graph, broke it and
-    recompiled per layer type to dynamo's limit: 38 graphs and 52 breaks for the tiny model vs 7 and 6, measured).
+    recompiled per layer type to dynamo's limit: 38 graphs and 51 breaks for the tiny model vs 7 and 6, measured).
     The prefetch bucket and the live-parameter limit grow to a block and two (the one computing, the next one
     arriving) where they are smaller, so the next block's gather overlaps this one's compute, as `sora-bench plan`
     assumes: at the 30B preset a block is 831M parameters against DeepSpeed's 50M bucket."""
