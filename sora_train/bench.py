@@ -111,7 +111,6 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
 
     from torch._dynamo.utils import counters
 
-    from .models.flops import achieved, train_flops
     from .train import build
 
     out = tempfile.mkdtemp(prefix="sora_bench_")
@@ -125,7 +124,23 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
     loader = SyntheticPackedLoader(args, seq_len, rows)
     torch._dynamo.reset()  # each configuration compiles afresh, so its graph counts are its own
     counters.clear()
-    trainer = build(cfg, loader=loader)
+    trainer = None
+    try:
+        trainer = build(cfg, loader=loader)
+        return measure_trainer(trainer, cfg, args, loader, counters, seq_len, rows, attention, ac, steps, warmup, peak,
+                               profile)
+    finally:  # after a failure too (out of memory at AC none, say): the next configuration gets the memory back
+        if trainer is not None:
+            trainer.close(keep_process_group=True)  # the next configuration builds in the same process group
+        trainer = None  # a failure's traceback keeps this frame, not the engine
+        shutil.rmtree(out, ignore_errors=True)
+        release(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def measure_trainer(trainer, cfg, args, loader, counters, seq_len, rows, attention, ac, steps, warmup, peak,
+                    profile) -> dict:
+    from .models.flops import achieved, train_flops
+
     device, batches = trainer.device, iter(loader)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -149,10 +164,6 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
            "device": device_name(device)}
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    trainer.close(keep_process_group=True)  # the next configuration builds in the same process group
-    del trainer
-    shutil.rmtree(out, ignore_errors=True)
-    release(device)
     return res
 
 
@@ -516,6 +527,7 @@ def run(a) -> list[dict]:
                                                               a.warmup, peak, a.profile))
                         except (RuntimeError, NotImplementedError, ValueError) as e:  # OOM, backend not here
                             r = {"seq_len": s, "attention": attn, "activation_checkpointing": ac, "error": str(e)[:200]}
+                        release(device)  # a failure's traceback held its frames' memory until here
                         results.append({"model": a.model, **r, "sdpa_backend": a.sdpa_backend or "auto"})
                         print(json.dumps(results[-1]), flush=True)
     return results

@@ -95,6 +95,34 @@ def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
     assert r.returncode == 0 and "params=" in r.stdout
 
 
+def test_a_configuration_that_fails_mid_step_is_reported_and_cleaned_up_before_the_next(tmp_path):
+    """sora-bench model runs configurations one after another in one process (on a GPU: AC none may run out of
+    memory, then selective and full must still measure). A failure mid-step is an error row; its trainer is closed
+    and its run directory removed, and the next configuration measures."""
+    script = (
+        "import sys, torch\n"
+        "from sora_train import bench, train\n"
+        "step, calls = train.Trainer.train_step, []\n"
+        "def failing(self, batches):\n"
+        "    calls.append(self)\n"
+        "    if self is calls[0]:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
+        "    return step(self, batches)\n"
+        "train.Trainer.train_step = failing\n"
+        "sys.argv = ['sora-bench', 'model', '--model', 'tiny', '--seq-len', '256', '--ac', 'none', 'full',\n"
+        "            '--steps', '1', '--warmup', '1', '--json', sys.argv[1]]\n"
+        "bench.main()\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "rows.json")], cwd=ROOT,
+                       env={**env(), "TMPDIR": str(tmp)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    failed, measured = json.loads((tmp_path / "rows.json").read_text())
+    assert "out of memory" in failed["error"] and "step_s" not in failed
+    assert measured["activation_checkpointing"] == "full" and measured["step_s"] > 0
+    assert not list(tmp.glob("sora_bench_*")), list(tmp.iterdir())  # both run directories removed
+
+
 def test_sora_bench_attention_compares_each_backend_with_the_float32_reference():
     from sora_train.bench import attention_numerics
 
