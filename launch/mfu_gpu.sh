@@ -8,7 +8,8 @@
 #   compiled   each block compiled (ZeRO-3 gathers per block; attention kernels left out), AC full|selective|none
 #              (most likely to fit first: `sora-bench plan`'s model puts AC none at 64k over 141 GiB)
 #   float8     the same with the blocks' linear layers in float8 (torchao tensorwise), AC selective|none
-#   eager      AC selective|none, to tell compile's share from checkpointing's
+#   eager      AC attention|selective|none (attention: each block recomputed but its attention kernels; not
+#              with compile), to tell compile's share from checkpointing's
 #   zero       ZeRO-1 compiled (no parameter hooks at all) and ZeRO-3 gathering per layer (DeepSpeed's default)
 #   profile    a profile of the fastest configuration so far
 #   parity     float8 vs bf16 loss over 300 steps of the tiny model on synthetic shards encoded here
@@ -30,7 +31,7 @@ M1B=(model --model 1B --seq-len 65536 --steps 3 --warmup 2)
 
 bench 200 compiled "${M1B[@]}" --ac full selective none --override parallel.compile=true
 bench 150 float8 "${M1B[@]}" --ac selective none --override parallel.compile=true parallel.float8=tensorwise
-bench 90 eager "${M1B[@]}" --ac selective none
+bench 120 eager "${M1B[@]}" --ac attention selective none
 bench 90 zero1 "${M1B[@]}" --ac selective --override parallel.compile=true parallel.zero_stage=1
 bench 60 layer_gather "${M1B[@]}" --ac full --override parallel.zero3_gather=module
 

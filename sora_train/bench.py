@@ -422,7 +422,7 @@ def main(argv=None) -> None:
     pm.add_argument("--seq-len", type=int, nargs="+", default=[4096])
     pm.add_argument("--rows", type=int, default=1)
     pm.add_argument("--attention", nargs="+", default=["varlen"])
-    pm.add_argument("--ac", nargs="+", choices=["none", "full", "selective"], default=["none"],
+    pm.add_argument("--ac", nargs="+", choices=["none", "selective", "attention", "full"], default=["none"],
                     help="activation checkpointing policies to time (parallel.activation_checkpointing)")
     pm.add_argument("--steps", type=int, default=5)
     pm.add_argument("--warmup", type=int, default=2)

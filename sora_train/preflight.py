@@ -19,7 +19,7 @@ from .engine.checkpoint import dir_bytes, half_written
 from .diffusion import OBJECTIVES, check_sampler
 from .config import model_args
 from .models import VARLEN_KERNELS, build_attention, count_params
-from .parallel import AC_POLICIES, FLOAT8_RECIPES, check_degrees, float8_available
+from .parallel import AC_POLICIES, ATTENTION_AC_COMPILED, FLOAT8_RECIPES, check_degrees, float8_available
 
 
 class ConfigError(ValueError):
@@ -127,6 +127,8 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
                           f"or parallel.zero_stage=0")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0-3")
+    if cfg.parallel.compile and cfg.parallel.activation_checkpointing == "attention":
+        raise ConfigError(ATTENTION_AC_COMPILED)
     if cfg.parallel.compile and cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_gather == "module":
         raise ConfigError("parallel.compile with parallel.zero3_gather=module: ZeRO-3's per-layer hooks break the "
                           "compiled block's graph at every layer; use parallel.zero3_gather=block")

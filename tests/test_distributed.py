@@ -38,11 +38,12 @@ def runs(dataset, tmp_path_factory):
     return {
         **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
-                single_cond=[*three, *cond],
+                single_cond=[*three, *cond], single_attention_ac=[*three, "parallel.activation_checkpointing=attention"],
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
         **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1", *small_buckets],
                 dp2_layer_gather=[*five, "optim.grad_accum=1", "parallel.zero3_gather=module", *small_buckets], muon_dp2=[*five, "optim.grad_accum=1", *muon],
-                sp2=[*three, "parallel.sp=2"], sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
+                sp2=[*three, "parallel.sp=2"], sp2_attention_ac=[*three, "parallel.sp=2", "parallel.activation_checkpointing=attention"],
+                sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
                 sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"]),
         **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"],
                 usp=[*three, "parallel.sp=4", "parallel.ring=2"],
@@ -120,6 +121,17 @@ def test_sequence_parallel_sp2_matches_sp1(runs):
         assert_close(b["grads_step1"][name], a["grads_step1"][name], atol=1e-7)
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["single_attention_ac", "sp2_attention_ac"])
+def test_checkpointing_all_but_attention_trains_as_without_checkpointing(runs, layout):
+    """parallel.activation_checkpointing=attention under ZeRO-3 through the trainer, alone and with Ulysses (its
+    all-to-alls recomputed around the kept attention outputs): the same losses, grad norms and gradients."""
+    a, b = runs["single_ga1"], runs[layout]
+    assert_close(b["loss"], a["loss"])
+    assert_close(b["grad_norm"], a["grad_norm"])
+    for name in a["grads_step1"]:
+        assert_close(b["grads_step1"][name], a["grads_step1"][name], atol=1e-7)
 
 
 def test_sequence_parallel_sp2_matches_sp1_with_frame_conditioning(runs):

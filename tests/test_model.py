@@ -361,6 +361,41 @@ def test_compiled_blocks_compute_the_eager_function_without_recompiling_per_pack
     assert len(segments) >= 4 and graphs[-1] == graphs[1], (segments, graphs)  # no recompile after layout 2
 
 
+def test_attention_checkpointing_recomputes_each_block_but_its_attention_kernels():
+    """parallel.activation_checkpointing=attention: torch's selective checkpointing keeps the attention kernels'
+    outputs and recomputes every other op of the block: the same gradients as no checkpointing; in backward the
+    attention kernels run forward again under full checkpointing, never under this policy. Not with compiled
+    blocks (the policy sees individual ops; a compiled graph hides them): refused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sora_train.parallel import ParallelDims, attention_kernel, parallelize_dit
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += attention_kernel(func)
+            return func(*args, **(kwargs or {}))
+
+    batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
+    grads, recomputed = {}, {}
+    for policy in ("none", "attention", "full"):
+        model = parallelize_dit(trained_model().train(), ParallelDims(1, 0, 0, 1), policy)
+        out = run(model, batch, t)
+        with CountAttention() as count:
+            out.pow(2).mean().backward()
+        grads[policy], recomputed[policy] = [p.grad for p in model.parameters()], count.calls
+    for policy in ("attention", "full"):
+        for a, b in zip(grads["none"], grads[policy]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert recomputed["none"] == 0 and recomputed["attention"] == 0
+    assert recomputed["full"] == 2 * ARGS.depth  # self- and cross-attention in each block
+    with pytest.raises(ValueError, match="activation_checkpointing=attention with parallel.compile"):
+        parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "attention", compile_blocks=True)
+
+
 def test_compiled_blocks_hold_no_complex_tensors_so_rope_fuses():
     """Inductor generates no code for complex numbers: RoPE's complex multiply ran as an eager kernel between two
     fp32 buffers inside every compiled block. Compiled, RoPE takes its real form (one fused pass with the QK norm

@@ -11,8 +11,9 @@ class ParallelConfig:
     ring: int = 1  # of which context-parallel (keys and values all-gathered); sp / ring is Ulysses (splits heads)
     zero_stage: int = 3
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    # none | full (each block recomputed in backward) | selective (each block's MLP recomputed: attention
-    # outputs kept, the widest activations, the MLP's hidden ones, dropped)
+    # none | selective (each block's MLP recomputed: the widest activations, the MLP's hidden ones, dropped) |
+    # attention (each block recomputed but its attention kernels, whose outputs are kept) | full (each block
+    # recomputed in backward)
     activation_checkpointing: str = "none"
     compile: bool = False  # torch.compile each block (after activation checkpointing, before the engine)
     # none | tensorwise | rowwise: the blocks' token-wide linear layers in float8 (torchao; Hopper and later;
