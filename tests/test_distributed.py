@@ -34,15 +34,17 @@ def runs(dataset, tmp_path_factory):
     tmp, shards = tmp_path_factory.mktemp("dist"), dataset / "shards"
     five, three, muon = ["optim.steps=5"], ["optim.steps=3", "optim.grad_accum=1"], ["optim.name=muon", "optim.grad_clip=0"]
     small_buckets = ["parallel.stage3_prefetch_bucket_size=1000", "parallel.stage3_max_live_parameters=1000"]
+    attention_ac = "parallel.activation_checkpointing=attention"
     cond = ["diffusion.condition.first=0.4", "diffusion.condition.first_last=0.3", "diffusion.condition.random=0.2"]
     return {
         **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
-                single_cond=[*three, *cond], single_attention_ac=[*three, "parallel.activation_checkpointing=attention"],
+                single_cond=[*three, *cond], single_attention_ac=[*three, attention_ac],
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
         **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1", *small_buckets],
-                dp2_layer_gather=[*five, "optim.grad_accum=1", "parallel.zero3_gather=module", *small_buckets], muon_dp2=[*five, "optim.grad_accum=1", *muon],
-                sp2=[*three, "parallel.sp=2"], sp2_attention_ac=[*three, "parallel.sp=2", "parallel.activation_checkpointing=attention"],
+                dp2_layer_gather=[*five, "optim.grad_accum=1", "parallel.zero3_gather=module", *small_buckets],
+                muon_dp2=[*five, "optim.grad_accum=1", *muon], sp2=[*three, "parallel.sp=2"],
+                sp2_attention_ac=[*three, "parallel.sp=2", attention_ac],
                 sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
                 sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"]),
         **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"],
@@ -219,7 +221,7 @@ def test_resume_continues_exactly_and_consumes_no_sample_twice(resumed):
 
 
 def test_a_run_resumes_with_float8_under_zero3_and_keeps_the_loss(straight_run, dataset, tmp_path):
-    """parallel.float8 switched on mid-run: the bf16 run's ZeRO-3 checkpoint (2 ranks) loads into the float8 model
+    """parallel.float8 switched on mid-run: the plain run's ZeRO-3 checkpoint (2 ranks) loads into the float8 model
     (the same parameter names), which trains on: losses within float8's error of the uninterrupted run's, and not
     equal to them (the float8 GEMMs ran)."""
     import shutil
