@@ -90,8 +90,15 @@ def test_compiled_blocks_under_zero3_break_only_at_attention_and_match_eager(run
     a, b = runs["single_ga1"], compiled_runs[f"compiled_{ac}"]
     assert b["graphs"] > 0
     assert [why for why in b["graph_breaks"] if "VarlenAttention.forward" not in why] == []
-    assert_close(b["loss"], a["loss"], rtol=1e-3)  # inductor's fp32 kernels round differently: 7e-5 at step 3
-    assert_close(b["grad_norm"], a["grad_norm"], rtol=1e-3)  # (torch 2.11); exact on 2.14
+    # Step 1 (no optimizer step yet): the same function. Inductor's fp32 kernels round differently from eager's
+    # (torch 2.11 on CPU), and Adam's first steps turn those roundings of near-zero gradients into +-lr updates:
+    # later steps agree less (step 3's grad norm 0.9% apart on 2.11; 1e-5 on 2.14).
+    assert_close(b["loss"][0], a["loss"][0], rtol=1e-5)
+    assert_close(b["grad_norm"][0], a["grad_norm"][0], rtol=1e-4)
+    for name in a["grads_step1"]:
+        assert_close(b["grads_step1"][name], a["grads_step1"][name], rtol=1e-3, atol=1e-6)
+    assert_close(b["loss"], a["loss"], rtol=2e-2)
+    assert_close(b["grad_norm"], a["grad_norm"], rtol=2e-2)
 
 
 def test_zero_stage0_matches_zero3_and_reports_the_grad_norm(runs):
