@@ -11,6 +11,8 @@ never used and only guaranteed finite. On real tokens all backends compute the s
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +24,7 @@ def segment_mask(seg_q: torch.Tensor, seg_k: torch.Tensor) -> torch.Tensor:
     return m[:, None]
 
 
-class AttentionBackend:
+class AttentionBackend(abc.ABC):
     """What every backend (and the sequence-parallel wrappers, sora_train/parallel) derives from. Not an
     nn.Module on purpose: as a module of the DiT it was hooked by ZeRO-3 like every module, and those hooks,
     called from inside a compiled block, broke its graph at each attention and recompiled to dynamo's limit
@@ -31,11 +33,13 @@ class AttentionBackend:
     def __call__(self, q, k, v, mask):
         return self.forward(q, k, v, mask)
 
+    @abc.abstractmethod
     def prepare(self, seg_q: torch.Tensor, seg_k: torch.Tensor):
-        raise NotImplementedError
+        """The mask object for query segments seg_q [B,Sq] and key segments seg_k [B,Sk]."""
 
+    @abc.abstractmethod
     def forward(self, q, k, v, mask):
-        raise NotImplementedError
+        """q [B,Sq,H,D], k and v [B,Sk,H,D], mask from prepare -> [B,Sq,H,D]."""
 
 
 class NaiveAttention(AttentionBackend):
