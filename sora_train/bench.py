@@ -127,8 +127,7 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
     trainer = None
     try:
         trainer = build(cfg, loader=loader)
-        return measure_trainer(trainer, cfg, args, loader, counters, seq_len, rows, attention, ac, steps, warmup, peak,
-                               profile)
+        return measure_trainer(trainer, loader, steps, warmup, peak, profile)
     finally:  # after a failure too (out of memory at AC none, say): the next configuration gets the memory back
         if trainer is not None:
             trainer.close(keep_process_group=True)  # the next configuration builds in the same process group
@@ -137,11 +136,14 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
         release(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def measure_trainer(trainer, cfg, args, loader, counters, seq_len, rows, attention, ac, steps, warmup, peak,
-                    profile) -> dict:
+def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None, profile: str | None) -> dict:
+    from torch._dynamo.utils import counters
+
     from .models.flops import achieved, train_flops
 
-    device, batches = trainer.device, iter(loader)
+    cfg, args, device, batches = trainer.cfg, trainer.args, trainer.device, iter(loader)
+    seq_len, rows, attention, ac = (cfg.data.seq_len, cfg.data.rows, cfg.model.attention,
+                                    cfg.parallel.activation_checkpointing)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dt = timed(lambda: trainer.train_step(batches), steps, warmup, device)

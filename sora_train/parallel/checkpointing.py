@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from torch import nn
@@ -17,6 +18,7 @@ def checkpoint_module(module: nn.Module, context_fn: Callable | None = None) -> 
     module.forward = lambda *args: checkpoint(inner, *args, use_reentrant=False, **extra)
 
 
+@functools.cache  # asked for every op of a block in forward and again in the recompute
 def attention_kernel(op) -> bool:
     """An attention kernel's forward among aten and extension ops: SDPA's (cuDNN, flash, efficient, CPU flash),
     torch's varlen (`_flash_attention_forward`) and flash-attn's custom ops."""
