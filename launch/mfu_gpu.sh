@@ -14,15 +14,20 @@
 #   profile    a profile of the fastest configuration so far
 #   parity     float8 vs bf16 loss over 300 steps of the tiny model on synthetic shards encoded here
 #   scale      XL and B at 16k tokens, compiled, AC none|full
+# MFU_LEVERS (default all, in the order above: compiled float8 eager zero1 layer_gather profile parity scale_xl
+# scale_b) names the calls to make, e.g. to finish in a second call what a first one's budget skipped.
 # OUT gets device.txt mfu.log rows.json (every measured row, with its lever) summary.json profile_1b.txt parity.json.
 set -u
 start=$(date +%s)
 budget=${MFU_BUDGET_S:-600}
 LOG=mfu.log WORK=${GPU_CHECK_WORK:-/tmp/sora_mfu}
 . "$(dirname "$0")/gpu_env.sh"
+LEVERS=" ${MFU_LEVERS:-compiled float8 eager zero1 layer_gather profile parity scale_xl scale_b} "
+wanted() { [[ $LEVERS == *" $1 "* ]]; }
 fits() { (( $(date +%s) - start + $1 <= budget )) || { echo "== skipped (budget): $2"; return 1; }; }
 bench() {  # bench LIMIT LEVER sora-bench-args...
   local limit=$1 lever=$2; shift 2
+  wanted "$lever" || return 0
   fits "$limit" "$lever: sora-bench $*" || return 124
   echo "== $lever: sora-bench $*  ($(( $(date +%s) - start )) s)"
   timeout "$limit" "$PY" -m sora_train.bench "$@" --json "$WORK/$lever.json"
@@ -52,7 +57,7 @@ if rows:
     r = min(rows, key=lambda r: r['step_s'])
     print(r['activation_checkpointing'], 'parallel.compile=%s' % str(r['compile']).lower(),
           'parallel.zero_stage=%d' % r['zero_stage'], 'parallel.float8=' + r['float8'], 'parallel.zero3_gather=' + r['zero3_gather'])")
-if [ -n "$best" ] && fits 120 "profile"; then
+if [ -n "$best" ] && wanted profile && fits 120 "profile"; then
   set -- $best
   ac=$1; shift
   echo "== profile: --ac $ac --override $*"
@@ -61,7 +66,7 @@ if [ -n "$best" ] && fits 120 "profile"; then
 fi
 
 # float8's loss against bf16: the quickstart's tiny model as a cluster run (AdamW, bf16, ZeRO-3) for 300 steps
-if fits 240 "parity"; then
+if wanted parity && fits 240 "parity"; then
   echo "== parity: float8 vs bf16, 300 steps  ($(( $(date +%s) - start )) s)"
   timeout 60 "$PY" -m data_tools.synthetic --out "$WORK/raw" --num-clips 96 --seed 0 --min-size 32 --max-size 96 \
     --min-frames 8 --max-frames 24 >/dev/null &&
