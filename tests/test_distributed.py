@@ -89,6 +89,9 @@ def test_compiled_blocks_under_zero3_break_only_at_attention_and_match_eager(run
     layer type to dynamo's limit; with full checkpointing dynamo broke at the checkpoint and the block ran eager."""
     a, b = runs["single_ga1"], compiled_runs[f"compiled_{ac}"]
     assert b["graphs"] > 0
+    # torch's own linear, not DeepSpeed's memory-efficient one (zero.Init's default), whose backward guards on
+    # each weight's ds_id: under torch 2.11 every block recompiled (13 graphs at depth 2, 49 at depth 10)
+    assert b["functional_linear"] == "torch._C._nn"
     assert [why for why in b["graph_breaks"] if "VarlenAttention.forward" not in why] == []
     # Step 1 (no optimizer step yet): the same function. Inductor's fp32 kernels round differently from eager's
     # (torch 2.11 on CPU), and Adam's first steps turn those roundings of near-zero gradients into +-lr updates:

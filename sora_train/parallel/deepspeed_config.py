@@ -48,6 +48,12 @@ def deepspeed_config(p: ParallelConfig, micro_rows: int, grad_accum: int, dp: in
         zero.update(stage3_prefetch_bucket_size=p.stage3_prefetch_bucket_size,
                     stage3_param_persistence_threshold=p.stage3_param_persistence_threshold,
                     stage3_max_live_parameters=p.stage3_max_live_parameters,
+                    # Otherwise zero.Init replaces torch.nn.functional.linear for the whole process, for good,
+                    # with an autograd.Function whose backward reads each weight's ds_id: torch 2.11's dynamo
+                    # guards on that integer and recompiled each compiled block until its limit of 8 (the 1B
+                    # preset on an H200: 49 graphs, 27 breaks, 16 of 24 blocks eager). The function exists for
+                    # autocast, which nothing here uses; ZeRO-3's module hooks gather weights for backward anyway.
+                    memory_efficient_linear=False,
                     # reduce_scatter averages gradients over SP ranks as well (measured: half the SP=1
                     # norm); the all-reduce path sums over SP and divides by dp, which is what we need.
                     # Muon orthogonalises whole gradient matrices, which DeepSpeed refuses to do after a

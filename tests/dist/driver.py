@@ -84,6 +84,7 @@ def run(out, overrides):
         engine = trainer.engine
         record["zero3"] = {"block_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.blocks[0].parameters()),
                            "prefetch": engine.zero_prefetch_bucket_size(), "max_live": engine.zero_max_live_parameters()}
+        record["functional_linear"] = getattr(torch.nn.functional.linear, "__module__", None)
         record["graphs"] = counters["stats"]["unique_graphs"]
         record["graph_breaks"] = sorted({why.strip().split("\n")[0] + " " + why.split("function ")[-1][:60]
                                          for why in counters["graph_break"]})
