@@ -156,7 +156,8 @@ def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None
     b = loader.batch
     flops = train_flops(args, b.seg, b.text_seg) * cfg.optim.grad_accum / trainer.dims.sp
     params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
-    kernel = kernel_name(trainer.engine.module.attention, attention, device, trainer.dtype, b.seg.to(device))
+    kernel = kernel_name(trainer.engine.module.attention, attention, device, trainer.dtype, b.seg.to(device),
+                         args.dim // args.heads)
     res = {"path": "trainer", "params": params, "seq_len": seq_len, "rows": rows, "attention": attention,
            "kernel": kernel, "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac,
            "compile": cfg.parallel.compile, "float8": cfg.parallel.float8, "zero_stage": cfg.parallel.zero_stage,
@@ -208,7 +209,7 @@ def bench_bare(args, seq_len: int, rows: int, attention: str, ac: str, steps: in
     if profile:
         write_profile(step, device, profile)
     res = {"path": "bare", "params": sum(p.numel() for p in model.parameters()), "seq_len": seq_len, "rows": rows,
-           "attention": attention, "kernel": kernel_name(model.attention, attention, device, dtype, seg),
+           "attention": attention, "kernel": kernel_name(model.attention, attention, device, dtype, seg, args.dim // args.heads),
            "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac, "step_s": dt,
            "tokens_per_s": int((seg > 0).sum()) / dt, **achieved(flops, dt, peak), "device": device_name(device)}
     if device.type == "cuda":
@@ -254,7 +255,7 @@ def attention_numerics(seq_len: int, heads: int, head_dim: int, text_len: int, b
                "head_dim": head_dim, "dtype": str(dtype)}
         try:
             be = build_attention(name, max_segments=args.max_segments)
-            res["kernel"] = kernel_name(be, name, device, dtype, seg)
+            res["kernel"] = kernel_name(be, name, device, dtype, seg, head_dim)
             for kind, sk in (("self", seg), ("cross", tseg)) if check else ():
                 q, k, v = (torch.randn(1, s, heads, head_dim, device=device, generator=g, dtype=dtype)
                            for s in (seq_len, sk.shape[1], sk.shape[1]))
@@ -286,12 +287,12 @@ def attention_numerics(seq_len: int, heads: int, head_dim: int, text_len: int, b
     return results
 
 
-def kernel_name(backend, name: str, device, dtype, seg) -> str:
-    """Which kernel a backend runs here on these rows: varlen picks one by what is installed and by the
-    samples' lengths; the others are their name."""
+def kernel_name(backend, name: str, device, dtype, seg, head_dim: int) -> str:
+    """Which kernel a backend runs here on these rows: varlen picks one by what is installed, by the
+    samples' lengths and by the head dim; the others are their name."""
     if not hasattr(backend, "kernel_for"):
         return name
-    return backend.kernel_for(device, dtype, backend.prepare(seg, seg))
+    return backend.kernel_for(device, dtype, backend.prepare(seg, seg), head_dim)
 
 
 def sync(device):

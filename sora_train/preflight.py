@@ -19,6 +19,7 @@ from .engine.checkpoint import dir_bytes, half_written
 from .diffusion import OBJECTIVES, check_sampler
 from .config import model_args
 from .models import VARLEN_KERNELS, build_attention, count_params
+from .models.attention import FlexAttention, VarlenAttention
 from .parallel import AC_POLICIES, ATTENTION_AC_COMPILED, FLOAT8_RECIPES, check_degrees, float8_available
 
 
@@ -77,6 +78,23 @@ def check_float8(cfg) -> None:
                           f"they start at 8.9 (Ada, Hopper); use parallel.float8=none")
 
 
+def check_cuda_head_dim(cfg) -> None:
+    """The CUDA attention kernels' head-dim limits, refused before the first step rather than at it: flex needs
+    16 or more, a named flash kernel (varlen:flash_attn, varlen:torch_varlen) a multiple of 8 up to 256."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not cuda or cfg.model.dim % cfg.model.heads:
+        return
+    head_dim, name = cfg.model.dim // cfg.model.heads, cfg.model.attention
+    if name == "flex" and head_dim < FlexAttention.MIN_HEAD_DIM_CUDA:
+        raise ConfigError(f"model.attention=flex with head dim {head_dim} (model.dim={cfg.model.dim} / "
+                          f"model.heads={cfg.model.heads}): flex attention on CUDA needs at least "
+                          f"{FlexAttention.MIN_HEAD_DIM_CUDA}; use model.attention=varlen")
+    if name in ("varlen:flash_attn", "varlen:torch_varlen") and not VarlenAttention.flash_takes(head_dim):
+        raise ConfigError(f"model.attention={name} with head dim {head_dim} (model.dim={cfg.model.dim} / "
+                          f"model.heads={cfg.model.heads}): flash attention needs a multiple of 8 up to 256; "
+                          f"use model.attention=varlen, which takes such rows one sequence at a time")
+
+
 def checkpoint_bytes(params: int, zero_stage: int) -> int:
     """bf16/fp32 weights + fp32 master + Adam moments + fp32 EMA: ~18 bytes per parameter."""
     return params * 18
@@ -116,6 +134,7 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
             build_attention(cfg.model.attention)
         except ValueError as e:
             raise ConfigError(f"model.attention={cfg.model.attention!r}: {e}") from e
+    check_cuda_head_dim(cfg)
     if cfg.optim.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use adamw or muon")
     if cfg.optim.name == "muon" and cfg.parallel.zero_stage > 0 and cfg.optim.grad_clip > 0:

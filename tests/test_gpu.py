@@ -29,13 +29,14 @@ def test_attention_backend_in_bf16_matches_the_float32_reference_forward_and_bac
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("backend", ["sdpa", "varlen", "flex"])
-def test_a_sample_gives_the_same_output_alone_and_packed_on_cuda(backend, dtype, tol):
+# head dim 16 (flex's least on CUDA; flash varlen's kernel) and 12 (varlen: one sequence at a time)
+@pytest.mark.parametrize("backend,dim", [("sdpa", 64), ("varlen", 64), ("flex", 64), ("varlen", 48)])
+def test_a_sample_gives_the_same_output_alone_and_packed_on_cuda(backend, dim, dtype, tol):
     from test_model import ARGS, make_items, pack, run, trained_model
 
     from sora_train.models import DiTArgs
 
-    model = trained_model(DiTArgs(**{**ARGS.__dict__, "attention": backend})).to(CUDA, dtype)
+    model = trained_model(DiTArgs(**{**ARGS.__dict__, "attention": backend, "dim": dim})).to(CUDA, dtype)
     items = make_items(3)
     packed = pack(items).to(CUDA)
     t = torch.tensor([[0.3, 0.6, 0.9] + [0.0] * 5], device=CUDA)
@@ -53,22 +54,28 @@ def test_a_sample_gives_the_same_output_alone_and_packed_on_cuda(backend, dtype,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_to_tokens_one_hot_and_index_select_agree_on_cuda(dtype):
+def test_to_tokens_on_cuda_computes_the_float64_function(dtype):
+    """Both paths' forward is exact (a single 1.0 per row). The backward sums ~800 tokens per sample: CUDA's default
+    (one-hot, a GEMM accumulating in fp32) is within the dtype's rounding of the float64 sums. index_select's
+    backward there is bf16 atomics into the same few rows: 4.5 off sums of ~30 on an H200, why CUDA takes one-hot."""
     from sora_train.models.dit import to_tokens
 
     g = torch.Generator(device=CUDA).manual_seed(0)
-    per_sample = torch.randn(2, 5, 64, device=CUDA, dtype=dtype, generator=g)
+    per_sample = torch.randn(2, 5, 64, device=CUDA, generator=g).to(dtype)  # the reference sees the same values
     sample_of_token = torch.randint(0, 5, (2, 4096), device=CUDA, generator=g)
-    cot = torch.randn(2, 4096, 64, device=CUDA, dtype=dtype, generator=g)
-    results = []
-    for onehot in (False, True):
-        x = per_sample.clone().requires_grad_()
+    cot = torch.randn(2, 4096, 64, device=CUDA, generator=g).to(dtype)
+
+    def forward_backward(dt, onehot):
+        x = per_sample.to(dt).requires_grad_()
         out = to_tokens(x, sample_of_token, onehot=onehot)
-        (grad,) = torch.autograd.grad(out, x, cot)
-        results.append((out, grad))
-    assert torch.equal(results[0][0], results[1][0])  # a single 1.0 per row: exact
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # the two sums run in different orders
-    torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=tol, atol=tol * 10)
+        return out, torch.autograd.grad(out, x, cot.to(dt))[0]
+
+    ref_out, ref_grad = forward_backward(torch.float64, False)
+    for onehot in (False, True):
+        assert torch.equal(forward_backward(dtype, onehot)[0].double(), ref_out)
+    out, grad = forward_backward(dtype, None)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the result's own rounding (8 bits)
+    assert ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item() < tol
 
 
 def test_zero3_build_on_cuda_is_partitioned_and_starts_closed(tmp_path):
@@ -123,7 +130,7 @@ def test_compiled_and_float8_blocks_compute_the_bf16_function_on_cuda(lever):
         pytest.importorskip("torchao.float8")
         if torch.cuda.get_device_capability() < (8, 9):
             pytest.skip("float8 GEMMs need compute capability 8.9")
-    eager = trained_model(dataclasses.replace(ARGS, attention="varlen")).train().to(CUDA, torch.bfloat16)
+    eager = trained_model(dataclasses.replace(ARGS, attention="varlen", dim=64)).train().to(CUDA, torch.bfloat16)
     other = parallelize_dit(copy.deepcopy(eager), ParallelDims(1, 0, 0, 1), "full", compile_blocks=lever == "compile",
                             float8="tensorwise" if lever == "float8" else "none")
     batch = pack(make_items(3), seq_len=64).to(CUDA)

@@ -153,6 +153,22 @@ def test_varlen_takes_long_samples_one_at_a_time_unless_a_kernel_is_named():
     assert auto.kernel_for(torch.device("cpu"), bf16) == "sdpa_per_sequence"
 
 
+def test_varlen_gives_flash_only_the_head_dims_it_takes():
+    """torch's varlen kernel refuses head dims that are not multiples of 8 (an H200, the tiny model's 12): the
+    automatic choice goes one sequence at a time; a fused kernel named in the config is an error naming the dim."""
+    seg = torch.tensor([[1] * 100 + [2] * 60 + [0] * 4])
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    auto, named = VarlenAttention(4), VarlenAttention(4, "torch_varlen")
+    if auto._torch_varlen is None:
+        pytest.skip("torch has no varlen_attn here")
+    assert auto.kernel_for(cuda, bf16, auto.prepare(seg, seg), 64) == auto.kernel != "sdpa_per_sequence"
+    for head_dim in (12, 20, 264):
+        assert auto.kernel_for(cuda, bf16, auto.prepare(seg, seg), head_dim) == "sdpa_per_sequence"
+        with pytest.raises(ValueError, match=f"multiple of 8 and at most 256, not {head_dim}"):
+            named.kernel_for(cuda, bf16, named.prepare(seg, seg), head_dim)
+    assert VarlenAttention(4, "sdpa").kernel_for(cuda, bf16, None, 12) == "sdpa_per_sequence"
+
+
 def test_per_sample_values_reach_their_tokens_the_same_way_on_both_paths():
     g = torch.Generator().manual_seed(0)
     per_sample = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)

@@ -194,6 +194,32 @@ def test_float8_without_torchao_is_refused_before_any_work(dataset, tmp_path, mo
         preflight(cfg)
 
 
+@pytest.mark.parametrize("attention, heads, message", [
+    ("flex", 4, r"model.attention=flex with head dim 12 .*needs at least 16"),
+    ("varlen:torch_varlen", 4, r"model.attention=varlen:torch_varlen with head dim 12 .*multiple of 8 up to 256"),
+    ("flex", 3, None), ("varlen", 4, None),  # 16 takes flex; varlen takes any head dim (12: one sequence at a time)
+])
+def test_a_cuda_attention_kernel_that_cannot_take_the_head_dim_is_refused(dataset, tmp_path, monkeypatch, attention,
+                                                                          heads, message):
+    """On an H200 the tiny model's head dim of 12 failed at the first step, in flex (inductor: at least 16) and
+    in torch's flash varlen kernel (multiples of 8): refused before any work, on CUDA only."""
+    import torch
+
+    from sora_train.preflight import ConfigError, preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}", "device=cuda", "model.dim=48",
+                  f"model.heads={heads}", f"model.attention={attention}")
+    if message is None:
+        preflight(cfg)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            preflight(cfg)
+        cpu = compose(f"data.train={dataset / 'shards'}", f"out_dir={tmp_path}", "device=cpu", "model.dim=48",
+                      f"model.heads={heads}", f"model.attention={attention}")
+        preflight(cpu)  # on CPU both take it
+
+
 def test_the_readmes_quickstart_overrides_compose_and_pass_preflight(dataset, tmp_path):
     """The README's quickstart commands with training overrides: a renamed or mistyped key fails here."""
     from omegaconf import OmegaConf

@@ -66,6 +66,10 @@ class SDPAAttention(AttentionBackend):
 class FlexAttention(AttentionBackend):
     """flex_attention with a block mask: skips fully masked blocks. GPU path (backward is CUDA-only)."""
 
+    # Inductor's CUDA flex kernel: "NYI: embedding dimension of the query, key, and value must be at least 16"
+    # (torch 2.11 on an H200, at the tiny preset's 12)
+    MIN_HEAD_DIM_CUDA = 16
+
     def __init__(self, compile: bool = True):
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -83,6 +87,9 @@ class FlexAttention(AttentionBackend):
         return create_block_mask(mask_mod, B, None, Sq, Sk, device=seg_q.device)
 
     def forward(self, q, k, v, mask):
+        if q.is_cuda and q.shape[-1] < self.MIN_HEAD_DIM_CUDA:
+            raise ValueError(f"flex attention on CUDA needs a head dim of at least {self.MIN_HEAD_DIM_CUDA}, not "
+                             f"{q.shape[-1]}: use varlen")
         out = self._fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
         return out.transpose(1, 2)
 
@@ -137,9 +144,22 @@ class VarlenAttention(AttentionBackend):
             self.kernel = self.KERNELS[kernel]
         self.named = kernel is not None
 
-    def kernel_for(self, device: torch.device, dtype: torch.dtype, mask: dict | None = None) -> str:
-        """The kernel a call on this device and dtype takes (given its prepared mask, if known)."""
+    @staticmethod
+    def flash_takes(head_dim: int) -> bool:
+        """Both fused kernels are flash-attention's, which takes head dims that are multiples of 8 up to 256
+        (torch's refuses others: "head_size must be a multiple of 8", seen on an H200 at the tiny preset's 12)."""
+        return head_dim % 8 == 0 and head_dim <= 256
+
+    def kernel_for(self, device: torch.device, dtype: torch.dtype, mask: dict | None = None,
+                   head_dim: int | None = None) -> str:
+        """The kernel a call on this device and dtype takes (given its prepared mask and head dim, if known).
+        A fused kernel named in the config but unable to take the head dim is an error, not a fallback."""
         fused = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        if fused and head_dim is not None and not self.flash_takes(head_dim):
+            if self.named and self.kernel != "sdpa_per_sequence":
+                raise ValueError(f"varlen kernel {self.kernel!r} (flash attention) needs a head dim that is a "
+                                 f"multiple of 8 and at most 256, not {head_dim}: use varlen or varlen:sdpa")
+            fused = False
         return self.kernel if fused and not (mask and mask["one_at_a_time"]) else "sdpa_per_sequence"
 
     def prepare(self, seg_q, seg_k):
@@ -158,7 +178,7 @@ class VarlenAttention(AttentionBackend):
     def forward(self, q, k, v, mask):
         B, Sq, H, D = q.shape
         qf, kf, vf = q.reshape(-1, H, D), k.reshape(-1, H, D), v.reshape(-1, H, D)
-        if self.kernel_for(q.device, q.dtype, mask) != "sdpa_per_sequence":
+        if self.kernel_for(q.device, q.dtype, mask, D) != "sdpa_per_sequence":
             fn = self._flash if self.kernel == "flash_attn" else self._torch_varlen
             out = fn(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
             return out.reshape(B, Sq, H, D)
