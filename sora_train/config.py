@@ -90,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     watchdog_s: float = 900.0  # no step finished in this long: dump stacks and abort (hang protection)
+    deterministic: bool = False  # bit-identical steps on CUDA too (slower): engine/determinism.py
     model: DiTArgs = field(default_factory=DiTArgs)  # the model's own arguments are the schema
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

@@ -22,6 +22,7 @@ from .data.mixture import sources_of
 from .data.stream import NoUsableSamples
 from .diffusion import build_objective, draw_given, packed_loss, per_token, step_generator
 from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
+from .engine.determinism import use_deterministic_kernels
 from .engine.ema import EMA
 from .engine.metrics import MetricLogger, SampleIds, Throughput, describe_run
 from .engine.init_from import check_architecture, find_parent, lineage, load_weights, start_stage
@@ -187,6 +188,8 @@ def build(cfg, loader=None) -> Trainer:
     """Every piece of a run, in order. `loader` replaces the shard loader (the bench feeds synthetic rows); its
     position is then not checkpointed."""
     manifest = preflight(cfg, check_data=loader is None)  # refuses bad config before any process group or data work
+    if cfg.deterministic:
+        use_deterministic_kernels()
     parent = find_parent(cfg.init_from.path) if cfg.init_from.path else None  # a stage: from another run's weights
     changed = check_architecture(cfg, parent) if parent else []
     # One run per out_dir. The rank from the launcher's variables (torchrun or srun): no process group exists yet.

@@ -44,6 +44,7 @@ def runs(dataset, tmp_path_factory):
         **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1", *small_buckets],
                 dp2_layer_gather=[*five, "optim.grad_accum=1", "parallel.zero3_gather=module", *small_buckets],
                 muon_dp2=[*five, "optim.grad_accum=1", *muon], sp2=[*three, "parallel.sp=2"],
+                dp2_deterministic=[*five, "optim.grad_accum=1", *small_buckets, "deterministic=true"],
                 sp2_attention_ac=[*three, "parallel.sp=2", attention_ac],
                 sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
                 sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"]),
@@ -59,6 +60,14 @@ def test_zero3_dp2_matches_one_process_on_the_same_global_batch(runs):
     assert_close(b["grad_norm"], a["grad_norm"])
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
+
+
+def test_deterministic_kernels_are_on_for_the_run_that_asks_and_change_nothing_on_cpu(runs):
+    """deterministic=true (torch's deterministic algorithms: on CUDA the exact-resume check of gpu_check.sh) runs
+    through ZeRO-3 on 2 ranks with no op refused, computing what the default computes (CPU kernels already are)."""
+    a, b = runs["dp2"], runs["dp2_deterministic"]
+    assert b["deterministic"] is True and a["deterministic"] is False
+    assert b["loss"] == a["loss"] and b["grad_norm"] == a["grad_norm"] and b["params"] == a["params"]
 
 
 def test_zero3_gathers_a_block_at_once_with_the_same_result_as_layer_by_layer(runs):

@@ -39,6 +39,7 @@ def main():
     for out, overrides in json.loads(open(sys.argv[1]).read()).items():
         run(out, overrides)
         deepspeed.utils.groups.mpu = None  # DeepSpeed keeps the last engine's mpu (SP groups) for the next one
+        torch.use_deterministic_algorithms(False)  # deterministic=true holds for the process: not for the next run
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # not left to interpreter exit (Trainer.close says why)
 
@@ -85,6 +86,7 @@ def run(out, overrides):
         record["zero3"] = {"block_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.blocks[0].parameters()),
                            "prefetch": engine.zero_prefetch_bucket_size(), "max_live": engine.zero_max_live_parameters()}
         record["functional_linear"] = getattr(torch.nn.functional.linear, "__module__", None)
+        record["deterministic"] = torch.are_deterministic_algorithms_enabled()
         record["graphs"] = counters["stats"]["unique_graphs"]
         record["graph_breaks"] = sorted({why.strip().split("\n")[0] + " " + why.split("function ")[-1][:60]
                                          for why in counters["graph_break"]})
