@@ -4,25 +4,27 @@
 # MFU_BUDGET_S seconds (default 600; after launch/gpu_check.sh in the same lease, what the lease has left). The
 # calls go most informative first; one whose own time limit no longer fits is skipped and the rest still report.
 #   bash launch/mfu_gpu.sh OUT [WHEELS_DIR]
-# The baseline (ZeRO-3, eager, full checkpointing) is gpu_check.sh's step 4; here, the 1B preset at 64k tokens:
-#   compiled   each block compiled (ZeRO-3 gathers per block; attention kernels left out), AC full|selective|none
-#              (most likely to fit first: `sora-bench plan`'s model puts AC none at 64k over 141 GiB)
-#   float8     the same with the blocks' linear layers in float8 (torchao tensorwise), AC selective|none
-#   eager      AC attention|selective|none (attention: each block recomputed but its attention kernels; not
-#              with compile), to tell compile's share from checkpointing's
-#   zero       ZeRO-1 compiled (no parameter hooks at all) and ZeRO-3 gathering per layer (DeepSpeed's default)
-#   profile    a profile of the fastest configuration so far
-#   parity     float8 vs bf16 loss over 300 steps of the tiny model on synthetic shards encoded here
-#   scale      XL and B at 16k tokens, compiled, AC none|full
-# MFU_LEVERS (default all, in the order above: compiled float8 eager zero1 layer_gather profile parity scale_xl
-# scale_b) names the calls to make, e.g. to finish in a second call what a first one's budget skipped.
+# The baseline (ZeRO-3, eager, full checkpointing) is gpu_check.sh's step 4. On an H200 the 1B preset at 64k
+# tokens ran out of memory without checkpointing and with selective checkpointing (MLP only), eager or compiled, and
+# was fastest checkpointing all but the attention kernels (docs/performance.md). Here, that preset at 64k:
+#   attention      eager, AC attention (the best so far; again in this call, on this tree)
+#   compiled       each block compiled (ZeRO-3 gathers per block; attention kernels left out), AC full
+#   partial        the same with only the first 12 of 24 blocks checkpointed (parallel.checkpoint_blocks)
+#   float8         compiled, AC full, the blocks' linear layers in float8 (torchao tensorwise)
+#   attention_partial  eager, AC attention on the first 12 blocks only
+#   zero1          ZeRO-1 compiled, AC full (no parameter hooks at all)
+#   profile        a profile of the fastest configuration so far
+#   parity         float8 vs bf16 loss over 300 steps of the tiny model on synthetic shards encoded here
+#   scale          XL and B at 16k tokens, compiled, AC none|full
+# MFU_LEVERS (default all, in the order above: attention compiled partial float8 attention_partial zero1 profile
+# parity scale_xl scale_b) names the calls to make, e.g. to finish in a second call what a first one's budget skipped.
 # OUT gets device.txt mfu.log rows.json (every measured row, with its lever) summary.json profile_1b.txt parity.json.
 set -u
 start=$(date +%s)
 budget=${MFU_BUDGET_S:-600}
 LOG=mfu.log WORK=${GPU_CHECK_WORK:-/tmp/sora_mfu}
 . "$(dirname "$0")/gpu_env.sh"
-LEVERS=" ${MFU_LEVERS:-compiled float8 eager zero1 layer_gather profile parity scale_xl scale_b} "
+LEVERS=" ${MFU_LEVERS:-attention compiled partial float8 attention_partial zero1 profile parity scale_xl scale_b} "
 wanted() { [[ $LEVERS == *" $1 "* ]]; }
 fits() { (( $(date +%s) - start + $1 <= budget )) || { echo "== skipped (budget): $2"; return 1; }; }
 bench() {  # bench LIMIT LEVER sora-bench-args...
@@ -34,11 +36,13 @@ bench() {  # bench LIMIT LEVER sora-bench-args...
 }
 M1B=(model --model 1B --seq-len 65536 --steps 3 --warmup 2)
 
-bench 200 compiled "${M1B[@]}" --ac full selective none --override parallel.compile=true
-bench 150 float8 "${M1B[@]}" --ac selective none --override parallel.compile=true parallel.float8=tensorwise
-bench 120 eager "${M1B[@]}" --ac attention selective none
-bench 90 zero1 "${M1B[@]}" --ac selective --override parallel.compile=true parallel.zero_stage=1
-bench 60 layer_gather "${M1B[@]}" --ac full --override parallel.zero3_gather=module
+COMPILED=(--override parallel.compile=true)
+bench 90 attention "${M1B[@]}" --ac attention
+bench 120 compiled "${M1B[@]}" --ac full "${COMPILED[@]}"
+bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=12
+bench 120 float8 "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.float8=tensorwise
+bench 90 attention_partial "${M1B[@]}" --ac attention --override parallel.checkpoint_blocks=12
+bench 90 zero1 "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.zero_stage=1
 
 rows() { "$PY" - "$WORK" <<'EOF'
 import json, sys
@@ -55,7 +59,8 @@ import json, sys
 rows = [r for r in json.load(sys.stdin) if r.get('seq_len') == 65536 and 'step_s' in r]
 if rows:
     r = min(rows, key=lambda r: r['step_s'])
-    print(r['activation_checkpointing'], 'parallel.compile=%s' % str(r['compile']).lower(),
+    print(r['activation_checkpointing'], 'parallel.checkpoint_blocks=%d' % r['checkpoint_blocks'],
+          'parallel.compile=%s' % str(r['compile']).lower(),
           'parallel.zero_stage=%d' % r['zero_stage'], 'parallel.float8=' + r['float8'], 'parallel.zero3_gather=' + r['zero3_gather'])")
 if [ -n "$best" ] && wanted profile && fits 120 "profile"; then
   set -- $best
@@ -105,7 +110,7 @@ rows > "$OUT/rows.json"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-keys = ("lever", "model", "seq_len", "activation_checkpointing", "compile", "float8", "zero_stage", "zero3_gather",
+keys = ("lever", "model", "seq_len", "activation_checkpointing", "checkpoint_blocks", "compile", "float8", "zero_stage", "zero3_gather",
         "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "graphs", "graph_breaks", "compiled_frames", "error")
 summary = [{k: r.get(k) for k in keys if k in r} for r in json.loads((out / "rows.json").read_text())]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -160,6 +160,7 @@ def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None
                          args.dim // args.heads)
     res = {"path": "trainer", "params": params, "seq_len": seq_len, "rows": rows, "attention": attention,
            "kernel": kernel, "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac,
+           "checkpoint_blocks": cfg.parallel.checkpoint_blocks,
            "compile": cfg.parallel.compile, "float8": cfg.parallel.float8, "zero_stage": cfg.parallel.zero_stage,
            "zero3_gather": cfg.parallel.zero3_gather, "optimizer": cfg.optim.name,
            "dtype": str(trainer.dtype), **compiled,

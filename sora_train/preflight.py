@@ -41,7 +41,7 @@ RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup
           "data.caption_dropout": (0.0, 1.0), "data.max_bad_fraction": (0.0, 1.0), "checkpoint.every": (0, None),
           "checkpoint.keep_last": (1, None), "ema.decay": (0.0, 1.0), "logging.every": (0, None),
           "logging.val_every": (0, None), "logging.sample_every": (0, None), "logging.val_batches": (1, None),
-          "watchdog_s": (1.0, None), "parallel.timeout_s": (1.0, None)}
+          "watchdog_s": (1.0, None), "parallel.timeout_s": (1.0, None), "parallel.checkpoint_blocks": (-1, None)}
 
 
 def check_values(cfg) -> None:
@@ -146,6 +146,9 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
                           f"or parallel.zero_stage=0")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0-3")
+    if cfg.parallel.checkpoint_blocks > cfg.model.depth:
+        raise ConfigError(f"parallel.checkpoint_blocks={cfg.parallel.checkpoint_blocks} exceeds model.depth="
+                          f"{cfg.model.depth}: use -1 (every block) or at most the depth")
     if cfg.parallel.compile and cfg.parallel.activation_checkpointing == "attention":
         raise ConfigError(ATTENTION_AC_COMPILED)
     if cfg.parallel.compile and cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_gather == "module":

@@ -40,6 +40,7 @@ def runs(dataset, tmp_path_factory):
         **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
                 single_cond=[*three, *cond], single_attention_ac=[*three, attention_ac],
+                single_first_block_ac=[*three, "parallel.activation_checkpointing=full", "parallel.checkpoint_blocks=1"],
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
         **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1", *small_buckets],
                 dp2_layer_gather=[*five, "optim.grad_accum=1", "parallel.zero3_gather=module", *small_buckets],
@@ -144,10 +145,11 @@ def test_sequence_parallel_sp2_matches_sp1(runs):
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["single_attention_ac", "sp2_attention_ac"])
+@pytest.mark.parametrize("layout", ["single_attention_ac", "sp2_attention_ac", "single_first_block_ac"])
 def test_checkpointing_all_but_attention_trains_as_without_checkpointing(runs, layout):
     """parallel.activation_checkpointing=attention under ZeRO-3 through the trainer, alone and with Ulysses (its
-    all-to-alls recomputed around the kept attention outputs): the same losses, grad norms and gradients."""
+    all-to-alls recomputed around the kept attention outputs): the same losses, grad norms and gradients. Likewise
+    full checkpointing of the first block only (parallel.checkpoint_blocks=1), the second keeping everything."""
     a, b = runs["single_ga1"], runs[layout]
     assert_close(b["loss"], a["loss"])
     assert_close(b["grad_norm"], a["grad_norm"])

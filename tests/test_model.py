@@ -397,17 +397,21 @@ def test_attention_checkpointing_recomputes_each_block_but_its_attention_kernels
 
     batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
     grads, recomputed = {}, {}
-    for policy in ("none", "attention", "full"):
-        model = parallelize_dit(trained_model().train(), ParallelDims(1, 0, 0, 1), policy)
+    # parallel.checkpoint_blocks=1: the policy on the first block only, the rest keeping every activation
+    for policy, blocks in (("none", -1), ("attention", -1), ("full", -1), ("full", 1), ("full", 0)):
+        model = parallelize_dit(trained_model().train(), ParallelDims(1, 0, 0, 1), policy, checkpoint_blocks=blocks)
         out = run(model, batch, t)
         with CountAttention() as count:
             out.pow(2).mean().backward()
-        grads[policy], recomputed[policy] = [p.grad for p in model.parameters()], count.calls
-    for policy in ("attention", "full"):
-        for a, b in zip(grads["none"], grads[policy]):
+        grads[policy, blocks], recomputed[policy, blocks] = [p.grad for p in model.parameters()], count.calls
+    for key in grads:
+        for a, b in zip(grads["none", -1], grads[key]):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    assert recomputed["none"] == 0 and recomputed["attention"] == 0
-    assert recomputed["full"] == 2 * ARGS.depth  # self- and cross-attention in each block
+    assert recomputed["none", -1] == 0 and recomputed["attention", -1] == 0
+    assert recomputed["full", -1] == 2 * ARGS.depth  # self- and cross-attention in each block
+    assert recomputed["full", 1] == 2 and recomputed["full", 0] == 0 and ARGS.depth == 2
+    with pytest.raises(ValueError, match="parallel.checkpoint_blocks=3: use -1"):
+        parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "full", checkpoint_blocks=3)
     with pytest.raises(ValueError, match="activation_checkpointing=attention with parallel.compile"):
         parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "attention", compile_blocks=True)
 

@@ -164,6 +164,8 @@ def compose(*overrides):
     (["device=cuda"], r"device=cuda but no CUDA device is visible here"),  # CI has no GPU
     (["parallel.float8=e4m3"], r"parallel.float8='e4m3': use none, tensorwise, rowwise"),
     (["parallel.zero3_gather=layer"], r"parallel.zero3_gather='layer': use block, module"),
+    (["parallel.checkpoint_blocks=-2"], r"parallel.checkpoint_blocks=-2: must be >= -1"),
+    (["parallel.checkpoint_blocks=6"], r"parallel.checkpoint_blocks=6 exceeds model.depth=5"),
     (["parallel.compile=true", "parallel.activation_checkpointing=attention"],
      r"activation_checkpointing=attention with parallel.compile"),
     (["parallel.compile=true", "parallel.zero_stage=3", "parallel.zero3_gather=module", "optim.name=adamw"],

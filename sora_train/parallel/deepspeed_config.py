@@ -15,6 +15,7 @@ class ParallelConfig:
     # attention (each block recomputed but its attention kernels, whose outputs are kept) | full (each block
     # recomputed in backward)
     activation_checkpointing: str = "none"
+    checkpoint_blocks: int = -1  # the policy applies to this many blocks from the first (-1: all); the rest keep all
     compile: bool = False  # torch.compile each block (after activation checkpointing, before the engine)
     # none | tensorwise | rowwise: the blocks' token-wide linear layers in float8 (torchao; Hopper and later;
     # parallel/float8.py says which layers). tensorwise is the faster, rowwise the closer to bf16.
