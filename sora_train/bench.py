@@ -398,7 +398,7 @@ def bench_balance(lengths: str, seq_len: int, dp: int, grad_accum: int, samples:
 
 
 def bench_plan(models: list[str], seq_lens: list[int], gpus: list[int], top: int, sample_tokens: int | None,
-               max_comm: float, **cluster) -> list[dict]:
+               max_comm: float, ac: str = "full", checkpoint_blocks: int = -1, **cluster) -> list[dict]:
     """sora_train/plan.py for each preset, row budget and cluster size: the `top` fastest layouts (those that fit
     first), then the one needing the least memory among those that fit with communication at most `max_comm` of
     the step (marked "leanest"), when it is not among them."""
@@ -409,7 +409,9 @@ def bench_plan(models: list[str], seq_lens: list[int], gpus: list[int], top: int
         args = load_preset(name)
         for s in seq_lens:
             for g in gpus:
-                rows = plan(args, s, Cluster(gpus=g, **cluster), sample_tokens)
+                rows = [{**r, "activation_checkpointing": ac, "checkpoint_blocks": checkpoint_blocks}
+                        for r in plan(args, s, Cluster(gpus=g, **cluster), sample_tokens, ac=ac,
+                                      checkpoint_blocks=checkpoint_blocks)]
                 lean = [r for r in rows if r["fits"] and r["comm_share"] <= max_comm]
                 leanest = min(lean, key=lambda r: r["memory_gib"]) if lean else None
                 out += [{"model": name, "seq_len": s, "gpus": g, **r, "leanest": r is leanest} for r in rows[:top]]
@@ -468,6 +470,9 @@ def main(argv=None) -> None:
     pp.add_argument("--max-comm", type=float, default=0.05,
                     help="the leanest layout shown: least memory with at most this share of the step communicating")
     pp.add_argument("--gpus-per-node", type=int, default=8)
+    pp.add_argument("--ac", default="full", choices=["none", "selective", "attention", "full"],
+                    help="parallel.activation_checkpointing")
+    pp.add_argument("--checkpoint-blocks", type=int, default=-1, help="parallel.checkpoint_blocks (-1: every block)")
     pp.add_argument("--intra-gbps", type=float, default=350.0, help="GB/s per GPU inside a node")
     pp.add_argument("--inter-gbps", type=float, default=45.0, help="GB/s per GPU between nodes")
     pp.add_argument("--mfu", type=float, default=0.308, help="compute efficiency assumed (measured: 1B, 64k, H200)")
@@ -498,7 +503,7 @@ def pinned_sdpa(backend: str | None):
 
 def run(a) -> list[dict]:
     if a.what == "plan":
-        results = bench_plan(a.model, a.seq_len, a.gpus, a.top, a.sample_tokens, a.max_comm,
+        results = bench_plan(a.model, a.seq_len, a.gpus, a.top, a.sample_tokens, a.max_comm, a.ac, a.checkpoint_blocks,
                              gpus_per_node=a.gpus_per_node, intra_gbps=a.intra_gbps, inter_gbps=a.inter_gbps, mfu=a.mfu,
                              peak_tflops=a.peak_tflops, gpu_mem_gib=a.gpu_mem_gib)
     elif a.what == "packing" and a.lengths:

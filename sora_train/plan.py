@@ -27,6 +27,20 @@ BF16 = 2
 STATE_BYTES = 2 + 2 + 4 + 8 + 4
 ACT_TENSORS_PER_BLOCK = 35  # without activation checkpointing (calibrated: module docstring)
 ACT_TENSORS_RECOMPUTE = 30  # the block being recomputed under activation checkpointing
+# Kept per block by each parallel.activation_checkpointing policy: full keeps the block's input; attention also
+# the self- and cross-attention outputs (the trainer's 1B step at 64k on an H200: 45.2 GiB against full's 36.5,
+# 1.9 tensors more per block); selective drops only the MLP's two hidden tensors, each 4 dims wide (an estimate:
+# the H200 ran out of 141 GiB, as predicted).
+KEPT_PER_BLOCK = {"none": ACT_TENSORS_PER_BLOCK, "selective": ACT_TENSORS_PER_BLOCK - 8, "attention": 3, "full": 1}
+RECOMPUTED = {"none": 0, "selective": 8, "attention": ACT_TENSORS_RECOMPUTE, "full": ACT_TENSORS_RECOMPUTE}
+
+
+def activation_tensors(depth: int, policy: str = "full", checkpoint_blocks: int = -1) -> int:
+    """[tokens, dim] bf16 tensors of activations at the peak of backward, for a checkpointing policy applied to
+    the first `checkpoint_blocks` blocks (-1: all; parallel.checkpoint_blocks), the rest keeping everything."""
+    checkpointed = depth if checkpoint_blocks == -1 else min(checkpoint_blocks, depth)
+    return (checkpointed * KEPT_PER_BLOCK[policy] + (depth - checkpointed) * ACT_TENSORS_PER_BLOCK
+            + (RECOMPUTED[policy] if checkpointed else 0))
 
 
 @dataclass
@@ -58,11 +72,13 @@ def row_segments(seq_len: int, sample_tokens: int, text_len: int) -> tuple[torch
 
 
 def plan_layout(a: DiTArgs, seq_len: int, fwd: float, params: int, c: Cluster, dp: int, ulysses: int, ring: int,
-                ac: bool = True) -> dict:
-    """One layout; fwd: the forward FLOPs of one row, params: the preset's parameter count."""
+                ac: str = "full", checkpoint_blocks: int = -1) -> dict:
+    """One layout; fwd: the forward FLOPs of one row, params: the preset's parameter count; ac and
+    checkpoint_blocks: parallel.activation_checkpointing and parallel.checkpoint_blocks."""
     sp = ulysses * ring
     local = seq_len / sp  # tokens per GPU
-    passes = 3 if ac else 2  # forward, backward (+ the forward again under activation checkpointing)
+    recomputing = ac != "none" and checkpoint_blocks != 0
+    passes = 3 if recomputing else 2  # forward, backward (+ the forward again under activation checkpointing)
     compute_s = 3 * fwd / sp / (c.peak_tflops * 1e12 * c.mfu)  # MFU credits forward + backward, not the recompute
     bandwidth = lambda ranks_span: (c.intra_gbps if ranks_span <= c.gpus_per_node else c.inter_gbps) * 1e9  # noqa: E731
     # Ulysses: q, k, v in and the output back, per block and pass; each GPU sends (u-1)/u of its local tensor.
@@ -78,7 +94,7 @@ def plan_layout(a: DiTArgs, seq_len: int, fwd: float, params: int, c: Cluster, d
     zero_s = zero_bytes / bandwidth(c.gpus)
     step_s = compute_s + ulysses_s + ring_s + max(0.0, zero_s - compute_s)
     row = local * a.dim * BF16
-    activations = (a.depth + ACT_TENSORS_RECOMPUTE if ac else a.depth * ACT_TENSORS_PER_BLOCK) * row
+    activations = activation_tensors(a.depth, ac, checkpoint_blocks) * row
     gathered_kv = 2 * seq_len * (a.dim / ulysses) * BF16 if ring > 1 else 0  # one block's, while it attends
     # ZeRO-3 gathers a block at a time and prefetches the next (parallel.gather_per_block): two blocks' bf16 weights
     gathered_params = 2 * params / a.depth * BF16
@@ -91,10 +107,10 @@ def plan_layout(a: DiTArgs, seq_len: int, fwd: float, params: int, c: Cluster, d
 
 
 def plan(a: DiTArgs, seq_len: int, cluster: Cluster, sample_tokens: int | None = None, text_len: int = 256,
-         ac: bool = True) -> list[dict]:
+         ac: str = "full", checkpoint_blocks: int = -1) -> list[dict]:
     """Every layout of the cluster, fastest (real tokens per second over the cluster) first; a layout that does
     not fit in memory last. `sample_tokens`: the clip length the rows hold (default: one clip per row)."""
     fwd, params = forward_flops(a, *row_segments(seq_len, sample_tokens or seq_len, text_len)), count_params(a)
-    rows = [plan_layout(a, seq_len, fwd, params, cluster, dp, u, r, ac)
+    rows = [plan_layout(a, seq_len, fwd, params, cluster, dp, u, r, ac, checkpoint_blocks)
             for dp, u, r in layouts(cluster.gpus, a.heads) if seq_len % (u * r) == 0]
     return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
