@@ -10,7 +10,7 @@
 #   attention      eager, AC attention (the best so far; again in this call, on this tree)
 #   compiled       each block compiled (ZeRO-3 gathers per block; attention kernels left out), AC full
 #   partial        the same with only the first 12 of 24 blocks checkpointed (parallel.checkpoint_blocks)
-#   float8         compiled, AC full, the blocks' linear layers in float8 (torchao tensorwise)
+#   float8         partial with the blocks' linear layers in float8 (torchao tensorwise)
 #   attention_partial  eager, AC attention on the first 12 blocks only
 #   zero1          ZeRO-1 compiled, AC full (no parameter hooks at all)
 #   profile        a profile of the fastest configuration so far
@@ -40,7 +40,7 @@ COMPILED=(--override parallel.compile=true)
 bench 90 attention "${M1B[@]}" --ac attention
 bench 120 compiled "${M1B[@]}" --ac full "${COMPILED[@]}"
 bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=12
-bench 120 float8 "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.float8=tensorwise
+bench 120 float8 "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=12 parallel.float8=tensorwise
 bench 90 attention_partial "${M1B[@]}" --ac attention --override parallel.checkpoint_blocks=12
 bench 90 zero1 "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.zero_stage=1
 
