@@ -34,8 +34,8 @@ RESULT[encode]=$?
 # The quickstart's tiny model, but as a cluster run: ZeRO-3, bf16, activation checkpointing, AdamW, EMA;
 # deterministic kernels, so that the resumed run can be held to the uninterrupted one exactly (without them two
 # fresh runs part by 1e-3 within 20 steps on an H200: flash attention's backward sums with atomics).
-TRAIN=(experiment=quickstart deterministic=true data.train="$WORK/shards" data.val="$WORK/shards" optim.name=adamw optim.lr=1e-3
-       optim.decay=constant optim.warmup_steps=5 parallel.zero_stage=3 parallel.precision=bf16
+TRAIN=(experiment=quickstart deterministic=true data.train="$WORK/shards" data.val="$WORK/shards" optim.name=adamw
+       optim.lr=1e-3 optim.decay=constant optim.warmup_steps=5 parallel.zero_stage=3 parallel.precision=bf16
        parallel.activation_checkpointing=full model.attention=varlen data.seq_len=4096 ema.enabled=true
        checkpoint.every=10 logging.every=1 logging.val_every=10 logging.wandb.mode=disabled)
 train() { timeout 150 "$PY" -m sora_train.train "${TRAIN[@]}" "$@"; }
@@ -82,7 +82,8 @@ summary = {"seconds": seconds, "exit_codes": {k: int(v) for k, v in codes.items(
                       "max_rel_diff": max(diffs) if diffs else None},
            "bench": [{k: r.get(k) for k in ("path", "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib",
                                              "kernel", "error")} for r in bench]}
-summary["green"] = all(v == 0 for v in summary["exit_codes"].values()) and summary["resume"]["equal"] and len(after) == 10
+summary["green"] = (all(v == 0 for v in summary["exit_codes"].values()) and summary["resume"]["equal"]
+                    and len(after) == 10)
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))
 sys.exit(0 if summary["green"] else 1)

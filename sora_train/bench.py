@@ -210,7 +210,8 @@ def bench_bare(args, seq_len: int, rows: int, attention: str, ac: str, steps: in
     if profile:
         write_profile(step, device, profile)
     res = {"path": "bare", "params": sum(p.numel() for p in model.parameters()), "seq_len": seq_len, "rows": rows,
-           "attention": attention, "kernel": kernel_name(model.attention, attention, device, dtype, seg, args.dim // args.heads),
+           "attention": attention,
+           "kernel": kernel_name(model.attention, attention, device, dtype, seg, args.dim // args.heads),
            "heads": args.heads, "head_dim": args.dim // args.heads, "activation_checkpointing": ac, "step_s": dt,
            "tokens_per_s": int((seg > 0).sum()) / dt, **achieved(flops, dt, peak), "device": device_name(device)}
     if device.type == "cuda":

@@ -169,7 +169,8 @@ def test_plan_enumerates_layouts_prices_their_traffic_and_matches_the_measured_m
     assert (count_params(a) * 8 + act) / 2**30 == pytest.approx(19.7, rel=0.05)
     # Through the trainer (ZeRO-3's 20 bytes per parameter), one H200: full checkpointing 36.5 GiB, all but the
     # attention kernels 45.2 GiB, selective and none out of 141 GiB (docs/performance.md).
-    one = {ac: plan(a, 65536, Cluster(gpus=1), ac=ac)[0]["memory_gib"] for ac in ("full", "attention", "selective", "none")}
+    one = {ac: plan(a, 65536, Cluster(gpus=1), ac=ac)[0]["memory_gib"]
+           for ac in ("full", "attention", "selective", "none")}
     assert one["full"] == pytest.approx(36.5, rel=0.08) and one["attention"] == pytest.approx(45.2, rel=0.08)
     assert one["selective"] > 141 and one["none"] > one["selective"]
     # parallel.checkpoint_blocks: between full and none, fewer checkpointed blocks holding more

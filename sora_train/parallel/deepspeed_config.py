@@ -51,8 +51,8 @@ def deepspeed_config(p: ParallelConfig, micro_rows: int, grad_accum: int, dp: in
                     stage3_max_live_parameters=p.stage3_max_live_parameters,
                     # Otherwise zero.Init replaces torch.nn.functional.linear for the whole process, for good,
                     # with an autograd.Function whose backward reads each weight's ds_id: torch 2.11's dynamo
-                    # guards on that integer and recompiled each compiled block until its limit of 8 (the 1B
-                    # preset on an H200: 49 graphs, 27 breaks, 16 of 24 blocks eager). The function exists for
+                    # guards on that integer and recompiled each compiled block until its limit of 8, the
+                    # blocks after it eager (the 1B preset on an H200: 49 graphs, 27 breaks). The function exists for
                     # autocast, which nothing here uses; ZeRO-3's module hooks gather weights for backward anyway.
                     memory_efficient_linear=False,
                     # reduce_scatter averages gradients over SP ranks as well (measured: half the SP=1
