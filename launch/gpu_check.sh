@@ -22,7 +22,7 @@ LOG=gpu_check.log WORK=${GPU_CHECK_WORK:-/tmp/sora_gpu_check}
 . "$(dirname "$0")/gpu_env.sh"
 
 step "1. pytest -m gpu"
-timeout 270 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log"
+timeout 270 "$PY" -m pytest -q -p no:cacheprovider --durations=8 -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log"
 RESULT[pytest]=${PIPESTATUS[0]}
 
 step "2. sora-train on CUDA from real shards, checkpoint and resume"
