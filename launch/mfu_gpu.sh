@@ -7,7 +7,8 @@
 # The baseline (ZeRO-3, eager, full checkpointing) is gpu_check.sh's step 4. On an H200 the 1B preset at 64k
 # tokens ran out of memory without checkpointing and with selective checkpointing (MLP only), eager or compiled, and
 # was fastest checkpointing all but the attention kernels (docs/performance.md). Here, that preset at 64k:
-#   attention      eager, AC attention (the best so far; again in this call, on this tree)
+#   eager          AC attention (the best so far; again in this call, on this tree) and AC elementwise (GEMM and
+#                  attention outputs kept: ~88 GiB by `sora-bench plan`)
 #   compiled       each block compiled (ZeRO-3 gathers per block; attention kernels left out), AC full
 #   partial        the same with only the first 12 of 24 blocks checkpointed (parallel.checkpoint_blocks)
 #   float8         partial with the blocks' linear layers in float8 (torchao tensorwise)
@@ -16,7 +17,7 @@
 #   profile        a profile of the fastest configuration so far
 #   parity         float8 vs bf16 loss over 300 steps of the tiny model on synthetic shards encoded here
 #   scale          XL and B at 16k tokens, compiled, AC none|full
-# MFU_LEVERS (default all, in the order above: attention compiled partial float8 attention_partial zero1 profile
+# MFU_LEVERS (default all, in the order above: eager compiled partial float8 attention_partial zero1 profile
 # parity scale_xl scale_b) names the calls to make, e.g. to finish in a second call what a first one's budget skipped.
 # OUT gets device.txt mfu.log rows.json (every measured row, with its lever) summary.json profile_1b.txt parity.json.
 set -u
@@ -24,7 +25,7 @@ start=$(date +%s)
 budget=${MFU_BUDGET_S:-600}
 LOG=mfu.log WORK=${GPU_CHECK_WORK:-/tmp/sora_mfu}
 . "$(dirname "$0")/gpu_env.sh"
-LEVERS=" ${MFU_LEVERS:-attention compiled partial float8 attention_partial zero1 profile parity scale_xl scale_b} "
+LEVERS=" ${MFU_LEVERS:-eager compiled partial float8 attention_partial zero1 profile parity scale_xl scale_b} "
 wanted() { [[ $LEVERS == *" $1 "* ]]; }
 fits() { (( $(date +%s) - start + $1 <= budget )) || { echo "== skipped (budget): $2"; return 1; }; }
 bench() {  # bench LIMIT LEVER sora-bench-args...
@@ -37,7 +38,7 @@ bench() {  # bench LIMIT LEVER sora-bench-args...
 M1B=(model --model 1B --seq-len 65536 --steps 3 --warmup 2)
 
 COMPILED=(--override parallel.compile=true)
-bench 90 attention "${M1B[@]}" --ac attention
+bench 120 eager "${M1B[@]}" --ac attention elementwise
 bench 120 compiled "${M1B[@]}" --ac full "${COMPILED[@]}"
 bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=12
 bench 120 float8 "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=12 parallel.float8=tensorwise

@@ -422,6 +422,8 @@ def bench_plan(models: list[str], seq_lens: list[int], gpus: list[int], top: int
 
 
 def main(argv=None) -> None:
+    from .parallel import AC_POLICIES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
     pm = sub.add_parser("model")
@@ -429,7 +431,7 @@ def main(argv=None) -> None:
     pm.add_argument("--seq-len", type=int, nargs="+", default=[4096])
     pm.add_argument("--rows", type=int, default=1)
     pm.add_argument("--attention", nargs="+", default=["varlen"])
-    pm.add_argument("--ac", nargs="+", choices=["none", "selective", "attention", "full"], default=["none"],
+    pm.add_argument("--ac", nargs="+", choices=AC_POLICIES, default=["none"],
                     help="activation checkpointing policies to time (parallel.activation_checkpointing)")
     pm.add_argument("--steps", type=int, default=5)
     pm.add_argument("--warmup", type=int, default=2)
@@ -471,7 +473,7 @@ def main(argv=None) -> None:
     pp.add_argument("--max-comm", type=float, default=0.05,
                     help="the leanest layout shown: least memory with at most this share of the step communicating")
     pp.add_argument("--gpus-per-node", type=int, default=8)
-    pp.add_argument("--ac", default="full", choices=["none", "selective", "attention", "full"],
+    pp.add_argument("--ac", default="full", choices=AC_POLICIES,
                     help="parallel.activation_checkpointing")
     pp.add_argument("--checkpoint-blocks", type=int, default=-1, help="parallel.checkpoint_blocks (-1: every block)")
     pp.add_argument("--intra-gbps", type=float, default=350.0, help="GB/s per GPU inside a node")

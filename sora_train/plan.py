@@ -31,8 +31,12 @@ ACT_TENSORS_RECOMPUTE = 30  # the block being recomputed under activation checkp
 # the self- and cross-attention outputs (the trainer's 1B step at 64k on an H200: 45.2 GiB against full's 36.5,
 # 1.9 tensors more per block); selective drops only the MLP's two hidden tensors, each 4 dims wide (an estimate:
 # the H200 ran out of 141 GiB, as predicted).
-KEPT_PER_BLOCK = {"none": ACT_TENSORS_PER_BLOCK, "selective": ACT_TENSORS_PER_BLOCK - 8, "attention": 3, "full": 1}
-RECOMPUTED = {"none": 0, "selective": 8, "attention": ACT_TENSORS_RECOMPUTE, "full": ACT_TENSORS_RECOMPUTE}
+# elementwise keeps the GEMMs' outputs (qkv 3, projection 1, cross-attention query and projection 2, MLP 4 + 1) and
+# the attention outputs (2): 13, an estimate from the shapes.
+KEPT_PER_BLOCK = {"none": ACT_TENSORS_PER_BLOCK, "selective": ACT_TENSORS_PER_BLOCK - 8, "elementwise": 13,
+                  "attention": 3, "full": 1}
+RECOMPUTED = {"none": 0, "selective": 8, "elementwise": ACT_TENSORS_RECOMPUTE, "attention": ACT_TENSORS_RECOMPUTE,
+              "full": ACT_TENSORS_RECOMPUTE}
 
 
 def activation_tensors(depth: int, policy: str = "full", checkpoint_blocks: int = -1) -> int:

@@ -40,6 +40,7 @@ def runs(dataset, tmp_path_factory):
         **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
                 single_cond=[*three, *cond], single_attention_ac=[*three, attention_ac],
+                single_elementwise_ac=[*three, "parallel.activation_checkpointing=elementwise"],
                 single_first_block_ac=[*three, "parallel.activation_checkpointing=full",
                                        "parallel.checkpoint_blocks=1"],
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
@@ -48,6 +49,7 @@ def runs(dataset, tmp_path_factory):
                 muon_dp2=[*five, "optim.grad_accum=1", *muon], sp2=[*three, "parallel.sp=2"],
                 dp2_deterministic=[*five, "optim.grad_accum=1", *small_buckets, "deterministic=true"],
                 sp2_attention_ac=[*three, "parallel.sp=2", attention_ac],
+                sp2_elementwise_ac=[*three, "parallel.sp=2", "parallel.activation_checkpointing=elementwise"],
                 sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
                 sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"]),
         **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"],
@@ -146,11 +148,13 @@ def test_sequence_parallel_sp2_matches_sp1(runs):
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["single_attention_ac", "sp2_attention_ac", "single_first_block_ac"])
+@pytest.mark.parametrize("layout", ["single_attention_ac", "sp2_attention_ac", "single_elementwise_ac",
+                                    "sp2_elementwise_ac", "single_first_block_ac"])
 def test_checkpointing_all_but_attention_trains_as_without_checkpointing(runs, layout):
     """parallel.activation_checkpointing=attention under ZeRO-3 through the trainer, alone and with Ulysses (its
     all-to-alls recomputed around the kept attention outputs): the same losses, grad norms and gradients. Likewise
-    full checkpointing of the first block only (parallel.checkpoint_blocks=1), the second keeping everything."""
+    elementwise (GEMM outputs kept as well), and full checkpointing of the first block only
+    (parallel.checkpoint_blocks=1), the second keeping everything."""
     a, b = runs["single_ga1"], runs[layout]
     assert_close(b["loss"], a["loss"])
     assert_close(b["grad_norm"], a["grad_norm"])

@@ -412,8 +412,48 @@ def test_attention_checkpointing_recomputes_each_block_but_its_attention_kernels
     assert recomputed["full", 1] == 2 and recomputed["full", 0] == 0 and ARGS.depth == 2
     with pytest.raises(ValueError, match="parallel.checkpoint_blocks=3: use -1"):
         parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "full", checkpoint_blocks=3)
-    with pytest.raises(ValueError, match="activation_checkpointing=attention with parallel.compile"):
+    with pytest.raises(ValueError, match="activation_checkpointing=attention or elementwise with parallel.compile"):
         parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "attention", compile_blocks=True)
+
+
+def test_elementwise_checkpointing_recomputes_no_gemm_and_no_attention():
+    """parallel.activation_checkpointing=elementwise: the linear layers' GEMMs and the attention kernels run once
+    (backward runs exactly as many GEMMs as without checkpointing, full runs the forward's again); norms,
+    modulation, activations and RoPE are recomputed. The same gradients."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sora_train.parallel import ParallelDims, attention_kernel, matrix_product, parallelize_dit
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls["gemm"] += matrix_product(func)
+            self.calls["attention"] += attention_kernel(func)
+            self.calls["other"] += not (matrix_product(func) or attention_kernel(func))
+            return func(*args, **(kwargs or {}))
+
+    batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
+    grads, backward = {}, {}
+    for policy in ("none", "elementwise", "attention", "full"):
+        model = parallelize_dit(trained_model().train(), ParallelDims(1, 0, 0, 1), policy)
+        out = run(model, batch, t)
+        with CountOps() as count:
+            out.pow(2).mean().backward()
+        grads[policy], backward[policy] = [p.grad for p in model.parameters()], count.calls
+    for policy in ("elementwise", "attention", "full"):
+        for a, b in zip(grads["none"], grads[policy]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert backward["elementwise"]["gemm"] == backward["none"]["gemm"] > 0
+    assert backward["elementwise"]["attention"] == 0 and backward["full"]["attention"] > 0
+    assert backward["attention"]["gemm"] > backward["none"]["gemm"]  # the forward's GEMMs again
+    assert backward["elementwise"]["other"] > backward["none"]["other"]  # the elementwise work again
+    with pytest.raises(ValueError, match="attention or elementwise with parallel.compile"):
+        parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "elementwise", compile_blocks=True)
 
 
 def test_compiled_blocks_hold_no_complex_tensors_so_rope_fuses():

@@ -170,9 +170,9 @@ def test_plan_enumerates_layouts_prices_their_traffic_and_matches_the_measured_m
     # Through the trainer (ZeRO-3's 20 bytes per parameter), one H200: full checkpointing 36.5 GiB, all but the
     # attention kernels 45.2 GiB, selective and none out of 141 GiB (docs/performance.md).
     one = {ac: plan(a, 65536, Cluster(gpus=1), ac=ac)[0]["memory_gib"]
-           for ac in ("full", "attention", "selective", "none")}
+           for ac in ("full", "attention", "elementwise", "selective", "none")}
     assert one["full"] == pytest.approx(36.5, rel=0.08) and one["attention"] == pytest.approx(45.2, rel=0.08)
-    assert one["selective"] > 141 and one["none"] > one["selective"]
+    assert one["attention"] < one["elementwise"] < 141 < one["selective"] < one["none"]
     # parallel.checkpoint_blocks: between full and none, fewer checkpointed blocks holding more
     part = [plan(a, 65536, Cluster(gpus=1), ac="full", checkpoint_blocks=k)[0]["memory_gib"] for k in (24, 16, 12, 0)]
     assert part[0] == one["full"] and part[-1] == one["none"] and part == sorted(part) and part[2] < 141

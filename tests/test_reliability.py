@@ -159,7 +159,7 @@ def compose(*overrides):
     (["optim.steps=-1"], r"optim.steps=-1: must be >= 1"),
     (["data.oversize=skp"], r"data.oversize='skp': use crop_time, skip"),
     (["data.balance=flops"], r"data.balance='flops': use cost, tokens"),
-    (["parallel.activation_checkpointing=true"], r"parallel.activation_checkpointing='(T|t)rue': use none, selective, attention, full"),
+    (["parallel.activation_checkpointing=true"], r"parallel.activation_checkpointing='(T|t)rue': use none, selective, elementwise, attention, full"),
     (["data.caption_dropout=1.5", "optim.decay=linear"], r"optim.decay='linear'.*data.caption_dropout=1.5: must be between"),
     (["device=cuda"], r"device=cuda but no CUDA device is visible here"),  # CI has no GPU
     (["parallel.float8=e4m3"], r"parallel.float8='e4m3': use none, tensorwise, rowwise"),
@@ -167,7 +167,9 @@ def compose(*overrides):
     (["parallel.checkpoint_blocks=-2"], r"parallel.checkpoint_blocks=-2: must be >= -1"),
     (["parallel.checkpoint_blocks=6"], r"parallel.checkpoint_blocks=6 exceeds model.depth=5"),
     (["parallel.compile=true", "parallel.activation_checkpointing=attention"],
-     r"activation_checkpointing=attention with parallel.compile"),
+     r"activation_checkpointing=attention or elementwise with parallel.compile"),
+    (["parallel.compile=true", "parallel.activation_checkpointing=elementwise"],
+     r"activation_checkpointing=attention or elementwise with parallel.compile"),
     (["parallel.compile=true", "parallel.zero_stage=3", "parallel.zero3_gather=module", "optim.name=adamw"],
      r"ZeRO-3's per-layer hooks break the compiled block's graph at every layer"),
 ])

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .checkpointing import (AC_POLICIES, ATTENTION_AC_COMPILED, attention_kernel, checkpoint_module,
-                            keep_attention_outputs)
+from .checkpointing import (AC_POLICIES, ATTENTION_AC_COMPILED, OP_POLICIES, attention_kernel, checkpoint_module,
+                            keep_attention_outputs, keep_products, matrix_product)
 from .context import ContextParallelAttention
 from .deepspeed_config import ParallelConfig, deepspeed_config, use_bf16
 from .dims import ParallelConfigError, ParallelDims, SequenceParallelMPU, check_degrees, init_distributed
@@ -32,7 +32,7 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointi
         model.attention = UlyssesAttention(model.attention, dims.ulysses_group)
     if activation_checkpointing not in AC_POLICIES:
         raise ValueError(f"parallel.activation_checkpointing={activation_checkpointing!r}: use {', '.join(AC_POLICIES)}")
-    if activation_checkpointing == "attention" and compile_blocks:
+    if activation_checkpointing in OP_POLICIES and compile_blocks:
         raise ValueError(ATTENTION_AC_COMPILED)
     if not -1 <= checkpoint_blocks <= len(model.blocks):
         raise ValueError(f"parallel.checkpoint_blocks={checkpoint_blocks}: use -1 (all) or 0-{len(model.blocks)}")
@@ -50,6 +50,8 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointi
             checkpoint_module(block)
         elif activation_checkpointing == "attention":
             checkpoint_module(block, keep_attention_outputs)
+        elif activation_checkpointing == "elementwise":
+            checkpoint_module(block, keep_products)
         elif activation_checkpointing == "selective":  # traced inside the compiled block (no attention in it)
             checkpoint_module(block.mlp)
     return model
@@ -126,6 +128,7 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
 
 __all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims",
            "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "ContextParallelAttention",
-           "gather_sequence", "shard_sequence", "full_rows", "AC_POLICIES", "ATTENTION_AC_COMPILED", "attention_kernel",
+           "gather_sequence", "shard_sequence", "full_rows", "AC_POLICIES", "ATTENTION_AC_COMPILED", "OP_POLICIES",
+           "attention_kernel", "matrix_product", "keep_products",
            "checkpoint_module", "keep_attention_outputs", "FLOAT8_RECIPES", "convert_to_float8", "float8_available",
            "parallelize_dit", "parallelize", "build_partitioned", "gather_per_block"]

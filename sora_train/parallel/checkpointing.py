@@ -26,21 +26,38 @@ def attention_kernel(op) -> bool:
     return ("attention" in name or "flash_attn" in name) and "backward" not in name
 
 
-def keep_attention_outputs():
-    """Selective checkpointing's contexts for one recomputation: attention kernels' outputs are saved, every other
-    op is recomputed. At 64k tokens attention is ~54% of the 1B block's FLOPs (docs/performance.md): recomputing
-    the rest costs under half of full checkpointing's extra forward, for a few [tokens, dim] tensors per block."""
+@functools.cache
+def matrix_product(op) -> bool:
+    """The linear layers' GEMMs (bf16 and torchao's float8). Not bmm: on CUDA the per-sample modulation reaches
+    its tokens by a one-hot bmm (models/dit.py: to_tokens) whose [tokens, 6 dim] output is cheap to recompute and
+    six tensors wide to keep."""
+    return str(op).split(".")[1] in ("mm", "addmm", "_scaled_mm")
+
+
+def keep_outputs_of(keep: Callable) -> Callable:
+    """torch's selective checkpointing (a context_fn for checkpoint_module): the outputs of ops for which
+    keep(op) holds are saved in forward, every other op is recomputed in backward."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if attention_kernel(op) else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if keep(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return create_selective_checkpoint_contexts(policy)
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-# parallel.activation_checkpointing: none | selective (each block's MLP recomputed) | attention (each block
-# recomputed but its attention kernels, whose outputs are kept) | full (each block recomputed)
-AC_POLICIES = ("none", "selective", "attention", "full")
-ATTENTION_AC_COMPILED = ("parallel.activation_checkpointing=attention with parallel.compile: selective checkpointing "
-                         "chooses among individual ops, which a compiled block hides (torch: 'not found in storage'); "
-                         "use activation_checkpointing=full or selective with compile")
+# attention: at 64k tokens attention is ~54% of the 1B block's FLOPs (docs/performance.md): recomputing the rest
+# costs under half of full checkpointing's extra forward, for a few [tokens, dim] tensors per block.
+keep_attention_outputs = keep_outputs_of(attention_kernel)
+# elementwise: the GEMMs and attention kernels run once; only norms, modulation, activations, RoPE and casts are
+# recomputed, for ~13 [tokens, dim] tensors per block (35 without checkpointing).
+keep_products = keep_outputs_of(lambda op: attention_kernel(op) or matrix_product(op))
+
+# parallel.activation_checkpointing: none | selective (each block's MLP recomputed) | elementwise (each block's
+# elementwise work recomputed; GEMM and attention outputs kept) | attention (each block recomputed but its
+# attention kernels, whose outputs are kept) | full (each block recomputed)
+AC_POLICIES = ("none", "selective", "elementwise", "attention", "full")
+OP_POLICIES = ("elementwise", "attention")  # torch's selective checkpointing, op by op: eager blocks only
+ATTENTION_AC_COMPILED = ("parallel.activation_checkpointing=attention or elementwise with parallel.compile: selective "
+                         "checkpointing chooses among individual ops, which a compiled block hides (torch: 'not found "
+                         "in storage'); use activation_checkpointing=full or selective with compile (and "
+                         "parallel.checkpoint_blocks to checkpoint fewer blocks)")

@@ -12,6 +12,7 @@ class ParallelConfig:
     zero_stage: int = 3
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     # none | selective (each block's MLP recomputed: the widest activations, the MLP's hidden ones, dropped) |
+    # elementwise (each block's norms, modulation, activations and RoPE recomputed; GEMM and attention outputs kept) |
     # attention (each block recomputed but its attention kernels, whose outputs are kept) | full (each block
     # recomputed in backward)
     activation_checkpointing: str = "none"
