@@ -145,3 +145,41 @@ def test_compiled_and_float8_blocks_compute_the_bf16_function_on_cuda(lever):
     err = ((b - a).norm() / a.norm()).item()
     assert err < (3e-2 if lever == "compile" else 0.12), err
     assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > (0.999 if lever == "compile" else 0.98)
+
+
+@pytest.mark.parametrize("policy", ["attention", "elementwise"])
+def test_op_checkpointing_keeps_the_cuda_attention_kernels(policy):
+    """Under parallel.activation_checkpointing=attention|elementwise no attention kernel runs again in backward on
+    CUDA either, whichever kernel varlen picks there (torch's varlen custom op at head dim 16, SDPA per sample at
+    12), with the gradients of no checkpointing in bf16's rounding."""
+    import dataclasses
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from test_model import ARGS, make_items, pack, run, trained_model
+
+    from sora_train.parallel import ParallelDims, attention_kernel, parallelize_dit
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += attention_kernel(func)
+            return func(*args, **(kwargs or {}))
+
+    batch = pack(make_items(3), seq_len=64).to(CUDA)
+    batch.tokens, batch.text = batch.tokens.bfloat16(), batch.text.bfloat16()
+    t = torch.rand(1, ARGS.max_segments, device=CUDA, dtype=torch.bfloat16)
+    for dim in (64, 48):
+        grads, recomputed = {}, {}
+        for ac in ("none", policy):
+            model = trained_model(dataclasses.replace(ARGS, attention="varlen", dim=dim)).train()
+            model = parallelize_dit(model.to(CUDA, torch.bfloat16), ParallelDims(1, 0, 0, 1), ac)
+            out = run(model, batch, t).float()
+            with CountAttention() as count:
+                out.pow(2).mean().backward()
+            grads[ac], recomputed[ac] = torch.cat([p.grad.float().flatten() for p in model.parameters()]), count.calls
+        assert recomputed[policy] == 0, (dim, recomputed)
+        assert torch.nn.functional.cosine_similarity(grads["none"], grads[policy], dim=0) > 0.999

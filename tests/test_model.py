@@ -416,6 +416,25 @@ def test_attention_checkpointing_recomputes_each_block_but_its_attention_kernels
         parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "attention", compile_blocks=True)
 
 
+def test_the_checkpointing_policies_know_every_attention_kernel_and_gemm_by_its_op():
+    """What torch's selective checkpointing sees: SDPA's aten kernels, but torch's varlen kernel (the CUDA path of
+    most packed rows) as its custom op, whose name has no "attention": it was recomputed under the attention
+    policy."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    from sora_train.parallel import attention_kernel, matrix_product
+
+    aten, varlen = torch.ops.aten, torch.ops.torch_attn
+    for op in (aten._scaled_dot_product_cudnn_attention.default, aten._scaled_dot_product_flash_attention.default,
+               aten._scaled_dot_product_efficient_attention.default, varlen._varlen_attn.default,
+               aten._scaled_dot_product_flash_attention_for_cpu.default):
+        assert attention_kernel(op) and not matrix_product(op), op
+    for op in (varlen._varlen_attn_backward.default, aten._scaled_dot_product_cudnn_attention_backward.default,
+               aten.mm.default, aten.addmm.default, aten._scaled_mm.default, aten.bmm.default, aten.gelu.default):
+        assert not attention_kernel(op), op
+    assert [matrix_product(op) for op in (aten.mm.default, aten.addmm.default, aten._scaled_mm.default,
+                                          aten.bmm.default, aten.gelu.default)] == [True, True, True, False, False]
+
+
 def test_elementwise_checkpointing_recomputes_no_gemm_and_no_attention():
     """parallel.activation_checkpointing=elementwise: the linear layers' GEMMs and the attention kernels run once
     (backward runs exactly as many GEMMs as without checkpointing, full runs the forward's again); norms,

@@ -21,9 +21,10 @@ def checkpoint_module(module: nn.Module, context_fn: Callable | None = None) -> 
 @functools.cache  # asked for every op of a block in forward and again in the recompute
 def attention_kernel(op) -> bool:
     """An attention kernel's forward among aten and extension ops: SDPA's (cuDNN, flash, efficient, CPU flash),
-    torch's varlen (`_flash_attention_forward`) and flash-attn's custom ops."""
+    torch's varlen custom op (`torch_attn._varlen_attn`: a dispatch mode sees it whole, not the flash kernel
+    inside) and flash-attn's custom ops (`flash_attn._flash_attn_varlen_forward`)."""
     name = str(op)
-    return ("attention" in name or "flash_attn" in name) and "backward" not in name
+    return ("attention" in name or "attn" in name) and "backward" not in name
 
 
 @functools.cache
