@@ -150,8 +150,8 @@ def test_compiled_and_float8_blocks_compute_the_bf16_function_on_cuda(lever):
 @pytest.mark.parametrize("policy", ["attention", "elementwise"])
 def test_op_checkpointing_keeps_the_cuda_attention_kernels(policy):
     """Under parallel.activation_checkpointing=attention|elementwise no attention kernel runs again in backward on
-    CUDA either, whichever kernel varlen picks there (torch's varlen custom op at head dim 16, SDPA per sample at
-    12), with the gradients of no checkpointing in bf16's rounding."""
+    CUDA either, through torch's varlen custom op (varlen on short samples) and through SDPA per sample
+    (varlen:sdpa), with the gradients of no checkpointing in bf16's rounding."""
     import dataclasses
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -172,14 +172,16 @@ def test_op_checkpointing_keeps_the_cuda_attention_kernels(policy):
     batch = pack(make_items(3), seq_len=64).to(CUDA)
     batch.tokens, batch.text = batch.tokens.bfloat16(), batch.text.bfloat16()
     t = torch.rand(1, ARGS.max_segments, device=CUDA, dtype=torch.bfloat16)
-    for dim in (64, 48):
-        grads, recomputed = {}, {}
+    for attention in ("varlen", "varlen:sdpa"):  # head dim 16
+        grads, forward, recomputed = {}, {}, {}
         for ac in ("none", policy):
-            model = trained_model(dataclasses.replace(ARGS, attention="varlen", dim=dim)).train()
+            model = trained_model(dataclasses.replace(ARGS, attention=attention, dim=64)).train()
             model = parallelize_dit(model.to(CUDA, torch.bfloat16), ParallelDims(1, 0, 0, 1), ac)
-            out = run(model, batch, t).float()
+            with CountAttention() as count:
+                out = run(model, batch, t).float()
+            forward[ac] = count.calls
             with CountAttention() as count:
                 out.pow(2).mean().backward()
             grads[ac], recomputed[ac] = torch.cat([p.grad.float().flatten() for p in model.parameters()]), count.calls
-        assert recomputed[policy] == 0, (dim, recomputed)
+        assert forward[policy] == forward["none"] > 0 and recomputed[policy] == 0, (attention, forward, recomputed)
         assert torch.nn.functional.cosine_similarity(grads["none"], grads[policy], dim=0) > 0.999
