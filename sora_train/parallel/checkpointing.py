@@ -47,7 +47,9 @@ def keep_outputs_of(keep: Callable) -> Callable:
 
 
 # attention: at 64k tokens attention is ~54% of the 1B block's FLOPs (docs/performance.md): recomputing the rest
-# costs under half of full checkpointing's extra forward, for a few [tokens, dim] tensors per block.
+# costs under half of full checkpointing's extra forward, for a few [tokens, dim] tensors per block. (SDPA's math
+# fallback, which CUDA may take for head dims that are not multiples of 8, is matmuls and a softmax, not a kernel
+# this policy can see: recomputed. Every preset's head dim is a multiple of 8.)
 keep_attention_outputs = keep_outputs_of(attention_kernel)
 # elementwise: the GEMMs and attention kernels run once; only norms, modulation, activations, RoPE and casts are
 # recomputed, for ~13 [tokens, dim] tensors per block (35 without checkpointing).
