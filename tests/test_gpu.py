@@ -154,20 +154,9 @@ def test_op_checkpointing_keeps_the_cuda_attention_kernels(policy):
     (varlen:sdpa), with the gradients of no checkpointing in bf16's rounding."""
     import dataclasses
 
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from test_model import ARGS, CountOps, make_items, pack, run, trained_model
 
-    from test_model import ARGS, make_items, pack, run, trained_model
-
-    from sora_train.parallel import ParallelDims, attention_kernel, parallelize_dit
-
-    class CountAttention(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += attention_kernel(func)
-            return func(*args, **(kwargs or {}))
+    from sora_train.parallel import ParallelDims, parallelize_dit
 
     batch = pack(make_items(3), seq_len=64).to(CUDA)
     batch.tokens, batch.text = batch.tokens.bfloat16(), batch.text.bfloat16()
@@ -177,11 +166,12 @@ def test_op_checkpointing_keeps_the_cuda_attention_kernels(policy):
         for ac in ("none", policy):
             model = trained_model(dataclasses.replace(ARGS, attention=attention, dim=64)).train()
             model = parallelize_dit(model.to(CUDA, torch.bfloat16), ParallelDims(1, 0, 0, 1), ac)
-            with CountAttention() as count:
+            with CountOps() as count:
                 out = run(model, batch, t).float()
-            forward[ac] = count.calls
-            with CountAttention() as count:
+            forward[ac] = count.calls["attention"]
+            with CountOps() as count:
                 out.pow(2).mean().backward()
-            grads[ac], recomputed[ac] = torch.cat([p.grad.float().flatten() for p in model.parameters()]), count.calls
+            grads[ac] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+            recomputed[ac] = count.calls["attention"]
         assert forward[policy] == forward["none"] > 0 and recomputed[policy] == 0, (attention, forward, recomputed)
         assert torch.nn.functional.cosine_similarity(grads["none"], grads[policy], dim=0) > 0.999

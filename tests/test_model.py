@@ -1,9 +1,11 @@
 import dataclasses
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from sora_train.data import patchify, unpatchify
@@ -377,23 +379,27 @@ def test_compiled_blocks_compute_the_eager_function_without_recompiling_per_pack
     assert len(segments) >= 4 and graphs[-1] == graphs[1], (segments, graphs)  # no recompile after layout 2
 
 
+class CountOps(TorchDispatchMode):
+    """The ops run inside its `with`, as the checkpointing policies see them: attention kernels, GEMMs, the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from sora_train.parallel import attention_kernel, matrix_product
+
+        kind = "attention" if attention_kernel(func) else "gemm" if matrix_product(func) else "other"
+        self.calls[kind] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_attention_checkpointing_recomputes_each_block_but_its_attention_kernels():
     """parallel.activation_checkpointing=attention: torch's selective checkpointing keeps the attention kernels'
     outputs and recomputes every other op of the block: the same gradients as no checkpointing; in backward the
     attention kernels run forward again under full checkpointing, never under this policy. Not with compiled
     blocks (the policy sees individual ops; a compiled graph hides them): refused."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from sora_train.parallel import ParallelDims, attention_kernel, parallelize_dit
-
-    class CountAttention(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += attention_kernel(func)
-            return func(*args, **(kwargs or {}))
+    from sora_train.parallel import ParallelDims, parallelize_dit
 
     batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
     grads, recomputed = {}, {}
@@ -401,9 +407,10 @@ def test_attention_checkpointing_recomputes_each_block_but_its_attention_kernels
     for policy, blocks in (("none", -1), ("attention", -1), ("full", -1), ("full", 1), ("full", 0)):
         model = parallelize_dit(trained_model().train(), ParallelDims(1, 0, 0, 1), policy, checkpoint_blocks=blocks)
         out = run(model, batch, t)
-        with CountAttention() as count:
+        with CountOps() as count:
             out.pow(2).mean().backward()
-        grads[policy, blocks], recomputed[policy, blocks] = [p.grad for p in model.parameters()], count.calls
+        grads[policy, blocks] = [p.grad for p in model.parameters()]
+        recomputed[policy, blocks] = count.calls["attention"]
     for key in grads:
         for a, b in zip(grads["none", -1], grads[key]):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
@@ -439,22 +446,7 @@ def test_elementwise_checkpointing_recomputes_no_gemm_and_no_attention():
     """parallel.activation_checkpointing=elementwise: the linear layers' GEMMs and the attention kernels run once
     (backward runs exactly as many GEMMs as without checkpointing, full runs the forward's again); norms,
     modulation, activations and RoPE are recomputed. The same gradients."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from sora_train.parallel import ParallelDims, attention_kernel, matrix_product, parallelize_dit
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls["gemm"] += matrix_product(func)
-            self.calls["attention"] += attention_kernel(func)
-            self.calls["other"] += not (matrix_product(func) or attention_kernel(func))
-            return func(*args, **(kwargs or {}))
+    from sora_train.parallel import ParallelDims, parallelize_dit
 
     batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
     grads, backward = {}, {}
