@@ -61,8 +61,8 @@ rows = [r for r in json.load(sys.stdin) if r.get('seq_len') == 65536 and 'step_s
 if rows:
     r = min(rows, key=lambda r: r['step_s'])
     print(r['activation_checkpointing'], 'parallel.checkpoint_blocks=%d' % r['checkpoint_blocks'],
-          'parallel.compile=%s' % str(r['compile']).lower(),
-          'parallel.zero_stage=%d' % r['zero_stage'], 'parallel.float8=' + r['float8'], 'parallel.zero3_gather=' + r['zero3_gather'])")
+          'parallel.compile=%s' % str(r['compile']).lower(), 'parallel.zero_stage=%d' % r['zero_stage'],
+          'parallel.float8=' + r['float8'], 'parallel.zero3_gather=' + r['zero3_gather'])")
 if [ -n "$best" ] && wanted profile && fits 120 "profile"; then
   set -- $best
   ac=$1; shift
@@ -112,7 +112,8 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 keys = ("lever", "model", "seq_len", "activation_checkpointing", "checkpoint_blocks", "compile", "float8", "zero_stage",
-        "zero3_gather", "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "graphs", "graph_breaks", "compiled_frames", "error")
+        "zero3_gather", "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "graphs", "graph_breaks",
+        "compiled_frames", "error")
 summary = [{k: r.get(k) for k in keys if k in r} for r in json.loads((out / "rows.json").read_text())]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))

@@ -5,10 +5,11 @@ Ulysses all-to-all, ring (key/value all-gather) and ZeRO-3 traffic, with the ban
 Compute is models/flops.py's count at an assumed MFU (default: the best measured, 1B at 64k on one H200,
 docs/performance.md). Activation memory is calibrated on the measured single-GPU steps of that table: ~35
 bf16 [tokens, dim] tensors per block without activation checkpointing (B at 64k: 41.4 GiB), one per block plus
-~30 for the block being recomputed with it (1B at 64k: 19.7 GiB); docs/performance.md lists the check against
-the other measured rows. ZeRO-3 adds two blocks' gathered bf16 weights (the one computing, the next one arriving). Sequence-parallel traffic is on the critical path (attention waits for it); ZeRO-3's
-parameter gathers and gradient reduce-scatters are prefetched and overlapped, so only their excess over
-compute counts.
+~30 for the block being recomputed with it (1B at 64k: 19.7 GiB); the other checkpointing policies keep what
+KEPT_PER_BLOCK says (checked on the trainer's step: docs/performance.md, with the other measured rows). ZeRO-3
+adds two blocks' gathered bf16 weights (the one computing, the next one arriving). Sequence-parallel traffic is on
+the critical path (attention waits for it); ZeRO-3's parameter gathers and gradient reduce-scatters are
+prefetched and overlapped, so only their excess over compute counts.
 """
 
 from __future__ import annotations

@@ -159,7 +159,8 @@ def compose(*overrides):
     (["optim.steps=-1"], r"optim.steps=-1: must be >= 1"),
     (["data.oversize=skp"], r"data.oversize='skp': use crop_time, skip"),
     (["data.balance=flops"], r"data.balance='flops': use cost, tokens"),
-    (["parallel.activation_checkpointing=true"], r"parallel.activation_checkpointing='(T|t)rue': use none, selective, elementwise, attention, full"),
+    (["parallel.activation_checkpointing=true"],
+     r"parallel.activation_checkpointing='(T|t)rue': use none, selective, elementwise, attention, full"),
     (["data.caption_dropout=1.5", "optim.decay=linear"], r"optim.decay='linear'.*data.caption_dropout=1.5: must be between"),
     (["device=cuda"], r"device=cuda but no CUDA device is visible here"),  # CI has no GPU
     (["parallel.float8=e4m3"], r"parallel.float8='e4m3': use none, tensorwise, rowwise"),

@@ -83,8 +83,10 @@ def run(out, overrides):
         from torch._dynamo.utils import counters  # what the compiled runs compiled (empty when dynamo is off)
 
         engine = trainer.engine
-        record["zero3"] = {"block_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.blocks[0].parameters()),
-                           "prefetch": engine.zero_prefetch_bucket_size(), "max_live": engine.zero_max_live_parameters()}
+        block = engine.module.blocks[0]
+        record["zero3"] = {"block_params": sum(getattr(p, "ds_numel", p.numel()) for p in block.parameters()),
+                           "prefetch": engine.zero_prefetch_bucket_size(),
+                           "max_live": engine.zero_max_live_parameters()}
         record["functional_linear"] = getattr(torch.nn.functional.linear, "__module__", None)
         record["deterministic"] = torch.are_deterministic_algorithms_enabled()
         record["graphs"] = counters["stats"]["unique_graphs"]
