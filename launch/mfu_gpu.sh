@@ -6,26 +6,30 @@
 #   bash launch/mfu_gpu.sh OUT [WHEELS_DIR]
 # The baseline (ZeRO-3, eager, full checkpointing) is gpu_check.sh's step 4. On an H200 the 1B preset at 64k
 # tokens ran out of memory without checkpointing and with selective checkpointing (MLP only), eager or compiled, and
-# was fastest checkpointing all but the attention kernels (docs/performance.md). Here, that preset at 64k:
-#   eager          AC attention (the best so far; again in this call, on this tree) and AC elementwise (GEMM and
-#                  attention outputs kept: ~88 GiB by `sora-bench plan`)
-#   compiled       each block compiled (ZeRO-3 gathers per block; attention kernels left out), AC full
-#   partial        the same with only the first 12 of 24 blocks checkpointed (parallel.checkpoint_blocks)
-#   float8         partial with the blocks' linear layers in float8 (torchao tensorwise)
-#   attention_partial  eager, AC attention on the first 12 blocks only
-#   zero1          ZeRO-1 compiled, AC full (no parameter hooks at all)
+# was fastest checkpointing all but the attention kernels (docs/performance.md). Each block compiled is one graph,
+# attention included (sora_train::packed_attention) and checkpointing inside it, so the compiler takes every
+# policy. Here, that preset at 64k (activations by `sora-bench plan --compile`):
+#   compiled       compiled, AC elementwise (GEMM and attention outputs kept, the rest recomputed fused) and
+#                  attention (only attention outputs kept)
+#   compiled_none  compiled, no checkpointing (~109 GiB of activations: at the edge of 141)
+#   partial        compiled, full checkpointing on the first 4 of 24 blocks, none on the rest
+#   float8         compiled elementwise with the blocks' linear layers in float8 (torchao tensorwise)
+#   eager          eager, AC attention (the best eager row; again on this tree)
+#   compiled_full  compiled, AC full
+#   zero1          ZeRO-1 compiled, AC elementwise (no parameter hooks at all)
 #   profile        a profile of the fastest configuration so far
 #   parity         float8 vs bf16 loss over 300 steps of the tiny model on synthetic shards encoded here
-#   scale          XL and B at 16k tokens, compiled, AC none|full
-# MFU_LEVERS (default all, in the order above: eager compiled partial float8 attention_partial zero1 profile
-# parity scale_xl scale_b) names the calls to make, e.g. to finish in a second call what a first one's budget skipped.
+#   scale          XL and B at 16k tokens, compiled, AC none|elementwise
+# MFU_LEVERS (default all, in the order above: compiled compiled_none partial float8 eager compiled_full zero1
+# profile parity scale_xl scale_b) names the calls to make, e.g. to finish in a second call what a first one's
+# budget skipped.
 # OUT gets device.txt mfu.log rows.json (every measured row, with its lever) summary.json profile_1b.txt parity.json.
 set -u
 start=$(date +%s)
 budget=${MFU_BUDGET_S:-600}
 LOG=mfu.log WORK=${GPU_CHECK_WORK:-/tmp/sora_mfu}
 . "$(dirname "$0")/gpu_env.sh"
-LEVERS=" ${MFU_LEVERS:-eager compiled partial float8 attention_partial zero1 profile parity scale_xl scale_b} "
+LEVERS=" ${MFU_LEVERS:-compiled compiled_none partial float8 eager compiled_full zero1 profile parity scale_xl scale_b} "
 wanted() { [[ $LEVERS == *" $1 "* ]]; }
 fits() { (( $(date +%s) - start + $1 <= budget )) || { echo "== skipped (budget): $2"; return 1; }; }
 bench() {  # bench LIMIT LEVER sora-bench-args...
@@ -38,12 +42,13 @@ bench() {  # bench LIMIT LEVER sora-bench-args...
 M1B=(model --model 1B --seq-len 65536 --steps 3 --warmup 2)
 
 COMPILED=(--override parallel.compile=true)
-bench 120 eager "${M1B[@]}" --ac attention elementwise
-bench 120 compiled "${M1B[@]}" --ac full "${COMPILED[@]}"
-bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=12
-bench 120 float8 "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=12 parallel.float8=tensorwise
-bench 90 attention_partial "${M1B[@]}" --ac attention --override parallel.checkpoint_blocks=12
-bench 90 zero1 "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.zero_stage=1
+bench 200 compiled "${M1B[@]}" --ac elementwise attention "${COMPILED[@]}"
+bench 120 compiled_none "${M1B[@]}" --ac none "${COMPILED[@]}"
+bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=4
+bench 120 float8 "${M1B[@]}" --ac elementwise "${COMPILED[@]}" parallel.float8=tensorwise
+bench 90 eager "${M1B[@]}" --ac attention
+bench 120 compiled_full "${M1B[@]}" --ac full "${COMPILED[@]}"
+bench 120 zero1 "${M1B[@]}" --ac elementwise "${COMPILED[@]}" parallel.zero_stage=1
 
 rows() { "$PY" - "$WORK" <<'EOF'
 import json, sys
@@ -103,8 +108,8 @@ print({k: v for k, v in res.items() if k != "curves"})
 EOF
 fi
 
-bench 100 scale_xl model --model XL --seq-len 16384 --ac none full --steps 3 --warmup 2 --override parallel.compile=true
-bench 60 scale_b model --model B --seq-len 16384 --ac none full --steps 3 --warmup 2 --override parallel.compile=true
+bench 100 scale_xl model --model XL --seq-len 16384 --ac none elementwise --steps 3 --warmup 2 --override parallel.compile=true
+bench 60 scale_b model --model B --seq-len 16384 --ac none elementwise --steps 3 --warmup 2 --override parallel.compile=true
 
 rows > "$OUT/rows.json"
 "$PY" - "$OUT" <<'EOF'

@@ -20,7 +20,7 @@ from .diffusion import OBJECTIVES, check_sampler
 from .config import model_args
 from .models import VARLEN_KERNELS, build_attention, count_params
 from .models.attention import FlexAttention, VarlenAttention
-from .parallel import AC_POLICIES, ATTENTION_AC_COMPILED, FLOAT8_RECIPES, OP_POLICIES, check_degrees, float8_available
+from .parallel import AC_POLICIES, FLOAT8_RECIPES, check_degrees, float8_available
 
 
 class ConfigError(ValueError):
@@ -149,8 +149,6 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
     if cfg.parallel.checkpoint_blocks > cfg.model.depth:
         raise ConfigError(f"parallel.checkpoint_blocks={cfg.parallel.checkpoint_blocks} exceeds model.depth="
                           f"{cfg.model.depth}: use -1 (every block) or at most the depth")
-    if cfg.parallel.compile and cfg.parallel.activation_checkpointing in OP_POLICIES:
-        raise ConfigError(ATTENTION_AC_COMPILED)
     if cfg.parallel.compile and cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_gather == "module":
         raise ConfigError("parallel.compile with parallel.zero3_gather=module: ZeRO-3's per-layer hooks break the "
                           "compiled block's graph at every layer; use parallel.zero3_gather=block")

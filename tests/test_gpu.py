@@ -175,3 +175,65 @@ def test_op_checkpointing_keeps_the_cuda_attention_kernels(policy):
             recomputed[ac] = count.calls["attention"]
         assert forward[policy] == forward["none"] > 0 and recomputed[policy] == 0, (attention, forward, recomputed)
         assert torch.nn.functional.cosine_similarity(grads["none"], grads[policy], dim=0) > 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [128, 64, 12])
+def test_the_packed_attention_op_computes_sdpa_per_sequence_on_cuda(dtype, head_dim):
+    """sora_train::packed_attention (compiled blocks' per-sequence path) calls cuDNN's or flash's kernels as SDPA's
+    autograd does, its backward fed the saved log-sum-exp: SDPA's output and gradients per sequence, within the
+    kernels' own run-to-run noise; float32 and head dim 12 take SDPA's other kernels and recompute in backward."""
+    import torch.nn.functional as F
+
+    from sora_train.models.packed_attention import _kernel, packed_attention
+    from test_model import packed_qkv
+
+    lengths_q, lengths_k = [3000, 0, 1700, 500, 96], [3000, 40, 1700, 0, 96]
+    q, k, v = (x.detach().to(CUDA).requires_grad_() for x in packed_qkv(lengths_q, lengths_k, dtype, 8, head_dim))
+    direct = _kernel(*(x[:3000].transpose(0, 1)[None] for x in (q, k, v)))
+    if dtype == torch.bfloat16 and head_dim % 8 == 0:
+        assert direct in ("cudnn", "flash"), direct  # not the recomputing fallback
+    out, _ = packed_attention(q, k, v, torch.tensor([lengths_q, lengths_k]))
+    grad = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    outs, start_q, start_k = [], 0, 0
+    for n_q, n_k in zip(lengths_q, lengths_k):
+        sq, sk = slice(start_q, start_q + n_q), slice(start_k, start_k + n_k)
+        if n_q:
+            outs.append(F.scaled_dot_product_attention(*(x[s].transpose(0, 1)[None] for x, s in
+                                                         ((q, sq), (k, sk), (v, sk))))[0].transpose(0, 1)
+                        if n_k else torch.zeros_like(q[sq]))
+        start_q, start_k = start_q + n_q, start_k + n_k
+    ref = torch.cat(outs)
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 1e-4), (name, direct, err)
+
+
+@pytest.mark.parametrize("policy", ["none", "elementwise", "attention", "full"])
+def test_compiled_blocks_under_each_checkpointing_policy_compute_the_eager_function_on_cuda(policy):
+    """The checkpoint inside the compiled block, the attention one node (torch's varlen op on short samples,
+    sora_train::packed_attention one sequence at a time): Inductor's Triton kernels and the recompute it fuses give
+    the eager model's output and gradients within bf16's rounding."""
+    import copy
+    import dataclasses
+
+    from test_model import ARGS, make_items, pack, run, trained_model
+
+    from sora_train.parallel import ParallelDims, parallelize_dit
+
+    batch = pack(make_items(3), seq_len=64).to(CUDA)
+    batch.tokens, batch.text = batch.tokens.bfloat16(), batch.text.bfloat16()
+    t = torch.rand(1, ARGS.max_segments, device=CUDA, dtype=torch.bfloat16)
+    for attention in ("varlen", "varlen:sdpa"):  # head dim 16
+        eager = trained_model(dataclasses.replace(ARGS, attention=attention, dim=64)).train().to(CUDA, torch.bfloat16)
+        compiled = parallelize_dit(copy.deepcopy(eager), ParallelDims(1, 0, 0, 1), policy, compile_blocks=True)
+        results = []
+        for model in (eager, compiled):
+            out = run(model, batch, t).float()
+            out.pow(2).mean().backward()
+            results.append((out.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters()])))
+        (a, ga), (b, gb) = results
+        assert ((b - a).norm() / a.norm()).item() < 3e-2, attention
+        assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999, attention

@@ -338,10 +338,11 @@ def test_probe_recomputes_the_cross_attention_the_model_applies():
                              torch.randn(7, 16))
 
 
-def test_compiled_blocks_compute_the_eager_function_without_recompiling_per_packed_layout():
+def test_compiled_blocks_compute_the_eager_function_in_one_graph_without_recompiling_per_packed_layout():
     """parallel.compile compiles each block. Packed rows change their segment layout every step: tracing the
     attention's per-sequence path specialised each block on the layout's lengths (a recompile per step, eager for
-    good after dynamo's limit of 8). The attention backend is left out of the graph; nothing else depends on it."""
+    good after dynamo's limit of 8); left out of the graph, it broke each block into 7 graphs. As one op
+    (models/packed_attention.py) it is one node: one graph per block, no break, whatever the layout."""
     import copy
     import dataclasses
 
@@ -377,6 +378,59 @@ def test_compiled_blocks_compute_the_eager_function_without_recompiling_per_pack
             torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
     assert len(segments) >= 4 and graphs[-1] == graphs[1], (segments, graphs)  # no recompile after layout 2
+    assert graphs[0] == 1 and sum(counters["graph_break"].values()) == 0, (graphs, dict(counters["graph_break"]))
+
+
+def packed_qkv(lengths_q, lengths_k, dtype, heads=4, head_dim=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lengths_q), heads, head_dim, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(sum(lengths_k), heads, head_dim, generator=g).to(dtype).requires_grad_() for _ in "kv")
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_attention_op_computes_sdpa_one_sequence_at_a_time(dtype):
+    """sora_train::packed_attention (compiled blocks' per-sequence path): SDPA's output and gradients for each
+    sequence, bit for bit on the CPU (the same kernels, its backward fed the forward's log-sum-exp); queries with
+    no keys (a row's padding) get zeros, keys with no queries no gradient."""
+    import torch.nn.functional as F
+
+    from sora_train.models.packed_attention import packed_attention
+
+    lengths_q, lengths_k = [30, 0, 17, 5, 9], [30, 4, 17, 0, 11]
+    q, k, v = packed_qkv(lengths_q, lengths_k, dtype)
+    out, _ = packed_attention(q, k, v, torch.tensor([lengths_q, lengths_k]))
+    grad = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    outs, start_q, start_k = [], 0, 0
+    for n_q, n_k in zip(lengths_q, lengths_k):
+        sq, sk = slice(start_q, start_q + n_q), slice(start_k, start_k + n_k)
+        if n_q:
+            outs.append(F.scaled_dot_product_attention(*(x[s].transpose(0, 1)[None] for x, s in
+                                                         ((q, sq), (k, sk), (v, sk))))[0].transpose(0, 1)
+                        if n_k else torch.zeros_like(q[sq]))
+        start_q, start_k = start_q + n_q, start_k + n_k
+    ref = torch.cat(outs)
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert got[2][30:34].abs().max() == 0 and got[3][30:34].abs().max() == 0  # keys with no queries
+    assert got[0][sum(lengths_q[:4]) - 5:sum(lengths_q[:4])].abs().max() == 0  # queries with no keys: zeros
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_the_packed_attention_op_calls_the_cuda_kernels_as_sdpa_autograd_does(monkeypatch, kernel):
+    """The CUDA kernels' calls (cuDNN's and flash's forward with log-sum-exp, then their backward) checked
+    against torch's own schemas and shape functions on meta tensors: arguments in order, the log-sum-exp handed
+    back in the shape the kernel wrote it. Their numbers are tests/test_gpu.py's."""
+    from sora_train.models import packed_attention as op
+
+    monkeypatch.setattr(op, "_kernel", lambda q, k, v: kernel)
+    q, k, v = (torch.empty(1, 4, n, 64, dtype=torch.bfloat16, device="meta") for n in (100, 70, 70))
+    out, lse = op._forward_one(q, k, v)
+    assert out.shape == q.shape and lse.shape == (4, 100) and lse.dtype == torch.float32
+    grads = op._backward_one(torch.empty_like(out), q, k, v, out, lse)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
 class CountOps(TorchDispatchMode):
@@ -397,8 +451,7 @@ class CountOps(TorchDispatchMode):
 def test_attention_checkpointing_recomputes_each_block_but_its_attention_kernels():
     """parallel.activation_checkpointing=attention: torch's selective checkpointing keeps the attention kernels'
     outputs and recomputes every other op of the block: the same gradients as no checkpointing; in backward the
-    attention kernels run forward again under full checkpointing, never under this policy. Not with compiled
-    blocks (the policy sees individual ops; a compiled graph hides them): refused."""
+    attention kernels run forward again under full checkpointing, never under this policy."""
     from sora_train.parallel import ParallelDims, parallelize_dit
 
     batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
@@ -419,8 +472,6 @@ def test_attention_checkpointing_recomputes_each_block_but_its_attention_kernels
     assert recomputed["full", 1] == 2 and recomputed["full", 0] == 0 and ARGS.depth == 2
     with pytest.raises(ValueError, match="parallel.checkpoint_blocks=3: use -1"):
         parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "full", checkpoint_blocks=3)
-    with pytest.raises(ValueError, match="activation_checkpointing=attention or elementwise with parallel.compile"):
-        parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "attention", compile_blocks=True)
 
 
 def test_the_checkpointing_policies_know_every_attention_kernel_and_gemm_by_its_op():
@@ -463,8 +514,39 @@ def test_elementwise_checkpointing_recomputes_no_gemm_and_no_attention():
     assert backward["elementwise"]["attention"] == 0 and backward["full"]["attention"] > 0
     assert backward["attention"]["gemm"] > backward["none"]["gemm"]  # the forward's GEMMs again
     assert backward["elementwise"]["other"] > backward["none"]["other"]  # the elementwise work again
-    with pytest.raises(ValueError, match="attention or elementwise with parallel.compile"):
-        parallelize_dit(trained_model(), ParallelDims(1, 0, 0, 1), "elementwise", compile_blocks=True)
+
+
+def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says():
+    """With the attention one op in the block's graph, checkpointing goes inside the compiled block and the
+    compiler applies the op policies: the same gradients as eager without checkpointing, and the tensors kept for
+    backward shrink from none to elementwise (GEMM and attention outputs) to attention to full. Policies one after
+    another in one process: each block is compiled for its own (dynamo guards on the policy's name)."""
+    from sora_train.parallel import ParallelDims, parallelize_dit
+
+    args = dataclasses.replace(ARGS, attention="varlen")
+    batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
+    torch._dynamo.reset()
+    grads, kept = {}, {}
+    for policy, compiled in (("none", False), ("elementwise", True), ("attention", True), ("full", True),
+                             ("none", True)):
+        model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), policy, compile_blocks=compiled)
+        storages = {}
+
+        def pack_hook(x):
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x):
+            out = run(model, batch, t)
+        out.pow(2).mean().backward()
+        grads[policy, compiled] = [p.grad for p in model.parameters()]
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept[policy, compiled] = sum(n for ptr, n in storages.items() if ptr not in weights)
+    for key in grads:
+        for a, b in zip(grads["none", False], grads[key]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    sizes = [kept[p, True] for p in ("full", "attention", "elementwise", "none")]
+    assert sizes == sorted(set(sizes)), kept
 
 
 def test_compiled_blocks_hold_no_complex_tensors_so_rope_fuses():

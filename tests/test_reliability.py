@@ -167,10 +167,6 @@ def compose(*overrides):
     (["parallel.zero3_gather=layer"], r"parallel.zero3_gather='layer': use block, module"),
     (["parallel.checkpoint_blocks=-2"], r"parallel.checkpoint_blocks=-2: must be >= -1"),
     (["parallel.checkpoint_blocks=6"], r"parallel.checkpoint_blocks=6 exceeds model.depth=5"),
-    (["parallel.compile=true", "parallel.activation_checkpointing=attention"],
-     r"activation_checkpointing=attention or elementwise with parallel.compile"),
-    (["parallel.compile=true", "parallel.activation_checkpointing=elementwise"],
-     r"activation_checkpointing=attention or elementwise with parallel.compile"),
     (["parallel.compile=true", "parallel.zero_stage=3", "parallel.zero3_gather=module", "optim.name=adamw"],
      r"ZeRO-3's per-layer hooks break the compiled block's graph at every layer"),
 ])

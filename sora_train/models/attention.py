@@ -16,6 +16,8 @@ import abc
 import torch
 import torch.nn.functional as F
 
+from .packed_attention import packed_attention
+
 
 def segment_mask(seg_q: torch.Tensor, seg_k: torch.Tensor) -> torch.Tensor:
     """Boolean [B,1,Sq,Sk]; rows with no allowed key are opened fully (padding only)."""
@@ -167,21 +169,35 @@ class VarlenAttention(AttentionBackend):
         cu = lambda n: F.pad(n.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
         samples = lq.view(seg_q.shape[0], -1)[:, :-1]  # the last run of each row is its padding
         mean_tokens = float(samples.sum() / (samples > 0).sum().clamp(min=1))
-        return {"lq": lq.tolist(), "lk": lk.tolist(), "cu_q": cu(lq), "cu_k": cu(lk),
+        lengths = [lq.tolist(), lk.tolist()]
+        return {"lq": lengths[0], "lk": lengths[1], "lengths": torch.tensor(lengths), "cu_q": cu(lq), "cu_k": cu(lk),
                 "max_q": int(lq.max()), "max_k": int(lk.max()),
                 "one_at_a_time": not self.named and mean_tokens >= self.LONG_SAMPLE_TOKENS}
 
-    # Left out of torch.compile (parallel.compile compiles each block around it): the kernels are fused already,
-    # and traced, the per-sequence path specialised on every packed layout's lengths, a recompile per step until
-    # dynamo's recompile limit (8) and eager for good after it (measured; tests/test_model.py).
-    @torch.compiler.disable
     def forward(self, q, k, v, mask):
         B, Sq, H, D = q.shape
         qf, kf, vf = q.reshape(-1, H, D), k.reshape(-1, H, D), v.reshape(-1, H, D)
-        if self.kernel_for(q.device, q.dtype, mask, D) != "sdpa_per_sequence":
-            fn = self._flash if self.kernel == "flash_attn" else self._torch_varlen
-            out = fn(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
-            return out.reshape(B, Sq, H, D)
+        kernel = self.kernel_for(q.device, q.dtype, mask, D)
+        if kernel == "flash_attn":
+            out = self._flash_attn_varlen(qf, kf, vf, mask)
+        elif kernel == "torch_varlen":  # a custom op of torch's: one node in a compiled graph
+            out = self._torch_varlen(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
+        elif torch.compiler.is_compiling():
+            # Traced, the loop below would specialise the graph on the row's lengths (a recompile per packed
+            # layout); the op is one node whatever the layout (models/packed_attention.py).
+            out = packed_attention(qf, kf, vf, mask["lengths"])[0]
+        else:  # eager: SDPA's own autograd, the path every measured eager row took
+            out = self._sdpa_per_sequence(qf, kf, vf, mask)
+        return out.reshape(B, Sq, H, D)
+
+    # flash-attn's package is left out of compiled graphs (not measured traced): a compiled block with it breaks
+    # its graph here, and a checkpointed one runs eager.
+    @torch.compiler.disable
+    def _flash_attn_varlen(self, qf, kf, vf, mask):
+        return self._flash(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
+
+    @staticmethod
+    def _sdpa_per_sequence(qf, kf, vf, mask):
         outs, kq, kk = [], 0, 0
         for nq, nk in zip(mask["lq"], mask["lk"]):
             if nq:
@@ -192,7 +208,7 @@ class VarlenAttention(AttentionBackend):
                 else:  # padding queries with no padding keys: output unused, keep it finite
                     outs.append(torch.zeros_like(qf[kq:kq + nq]))
             kq, kk = kq + nq, kk + nk
-        return torch.cat(outs).reshape(B, Sq, H, D)
+        return torch.cat(outs)
 
 
 def build_attention(name: str, max_segments: int = 64) -> AttentionBackend:

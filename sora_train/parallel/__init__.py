@@ -10,8 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .checkpointing import (AC_POLICIES, ATTENTION_AC_COMPILED, OP_POLICIES, attention_kernel, checkpoint_module,
-                            keep_attention_outputs, keep_products, matrix_product)
+from .checkpointing import AC_POLICIES, KEEP_OUTPUTS, OP_POLICIES, attention_kernel, checkpoint_module, matrix_product
 from .context import ContextParallelAttention
 from .deepspeed_config import ParallelConfig, deepspeed_config, use_bf16
 from .dims import ParallelConfigError, ParallelDims, SequenceParallelMPU, check_degrees, init_distributed
@@ -32,28 +31,23 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointi
         model.attention = UlyssesAttention(model.attention, dims.ulysses_group)
     if activation_checkpointing not in AC_POLICIES:
         raise ValueError(f"parallel.activation_checkpointing={activation_checkpointing!r}: use {', '.join(AC_POLICIES)}")
-    if activation_checkpointing in OP_POLICIES and compile_blocks:
-        raise ValueError(ATTENTION_AC_COMPILED)
     if not -1 <= checkpoint_blocks <= len(model.blocks):
         raise ValueError(f"parallel.checkpoint_blocks={checkpoint_blocks}: use -1 (all) or 0-{len(model.blocks)}")
     convert_to_float8(model, float8)  # before checkpointing and compile: both then see the float8 layers
     checkpointed = len(model.blocks) if checkpoint_blocks == -1 else checkpoint_blocks
     for i, block in enumerate(model.blocks):
+        if i < checkpointed:
+            if activation_checkpointing == "full":
+                checkpoint_module(block)
+            elif activation_checkpointing in OP_POLICIES:
+                checkpoint_module(block, keep=activation_checkpointing)
+            elif activation_checkpointing == "selective":
+                checkpoint_module(block.mlp)
         if compile_blocks:
-            # The block's forward, not the module's call: ZeRO-3's hooks on the block stay outside the graph.
-            # Before full checkpointing, which then recomputes the compiled forward: dynamo cannot trace a
-            # checkpoint around the attention it leaves out (graph break; the whole block ran eager, measured).
+            # The block's forward (checkpointed or not), not the module's call: ZeRO-3's hooks on the block stay
+            # outside the graph. The checkpoint inside it: the compiler then sees the block whole, attention
+            # included (one op: models/packed_attention.py), fuses the recompute and keeps what the op policies say.
             block.forward = torch.compile(block.forward)
-        if i >= checkpointed:
-            continue
-        if activation_checkpointing == "full":
-            checkpoint_module(block)
-        elif activation_checkpointing == "attention":
-            checkpoint_module(block, keep_attention_outputs)
-        elif activation_checkpointing == "elementwise":
-            checkpoint_module(block, keep_products)
-        elif activation_checkpointing == "selective":  # traced inside the compiled block (no attention in it)
-            checkpoint_module(block.mlp)
     return model
 
 
@@ -128,7 +122,7 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
 
 __all__ = ["ParallelConfig", "deepspeed_config", "use_bf16", "ParallelConfigError", "ParallelDims",
            "SequenceParallelMPU", "check_degrees", "init_distributed", "UlyssesAttention", "ContextParallelAttention",
-           "gather_sequence", "shard_sequence", "full_rows", "AC_POLICIES", "ATTENTION_AC_COMPILED", "OP_POLICIES",
-           "attention_kernel", "matrix_product", "keep_products",
-           "checkpoint_module", "keep_attention_outputs", "FLOAT8_RECIPES", "convert_to_float8", "float8_available",
+           "gather_sequence", "shard_sequence", "full_rows", "AC_POLICIES", "OP_POLICIES",
+           "attention_kernel", "matrix_product", "KEEP_OUTPUTS",
+           "checkpoint_module", "FLOAT8_RECIPES", "convert_to_float8", "float8_available",
            "parallelize_dit", "parallelize", "build_partitioned", "gather_per_block"]
