@@ -22,8 +22,9 @@ if ! "$PY" -c "import deepspeed, webdataset, hydra, omegaconf, av, braceexpand, 
 fi
 "$PY" - <<'EOF' | tee -a "$OUT/device.txt"
 import torch, deepspeed, torchao, transformers
-print("torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__, "torchao",
-      torchao.__version__, "transformers", transformers.__version__, "device", torch.cuda.get_device_name())
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "deepspeed",
+      deepspeed.__version__, "torchao", torchao.__version__, "transformers", transformers.__version__, "device", device)
 try:
     import flash_attn
     print("flash_attn", flash_attn.__version__)

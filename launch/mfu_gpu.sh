@@ -11,8 +11,8 @@
 # policy. Here, that preset at 64k (activations by `sora-bench plan --compile`):
 #   compiled       compiled, AC elementwise (GEMM and attention outputs kept, the rest recomputed fused) and
 #                  attention (only attention outputs kept)
-#   compiled_none  compiled, no checkpointing (~109 GiB of activations: at the edge of 141)
-#   partial        compiled, full checkpointing on the first 4 of 24 blocks, none on the rest
+#   compiled_none  compiled, no checkpointing (136 GiB predicted: at the edge of 141)
+#   partial        compiled, full checkpointing on the first 6 of 24 blocks, none on the rest (~114 GiB)
 #   float8         compiled elementwise with the blocks' linear layers in float8 (torchao tensorwise)
 #   eager          eager, AC attention (the best eager row; again on this tree)
 #   compiled_full  compiled, AC full
@@ -44,7 +44,7 @@ M1B=(model --model 1B --seq-len 65536 --steps 3 --warmup 2)
 COMPILED=(--override parallel.compile=true)
 bench 200 compiled "${M1B[@]}" --ac elementwise attention "${COMPILED[@]}"
 bench 120 compiled_none "${M1B[@]}" --ac none "${COMPILED[@]}"
-bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=4
+bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=6
 bench 120 float8 "${M1B[@]}" --ac elementwise "${COMPILED[@]}" parallel.float8=tensorwise
 bench 90 eager "${M1B[@]}" --ac attention
 bench 120 compiled_full "${M1B[@]}" --ac full "${COMPILED[@]}"

@@ -5,6 +5,7 @@
   sora-bench packing --data data/bench/shards --seq-len 8192
   sora-bench packing --lengths 0.7:1024-4096,0.3:8192-32768 --seq-len 65536 --dp 8 --model 1B   (cost balance)
   sora-bench plan --model 1B 30B --seq-len 65536 262144 --gpus 8 64 256
+  sora-bench activations --model 1B --ac none elementwise attention full --compile   (what a block keeps, measured)
   sora-bench model --model 30B --params-only
   sora-bench attention --seq-len 4096 16384 --attention sdpa flex varlen   (numerics vs a float32 reference, speed)
 
@@ -398,8 +399,57 @@ def bench_balance(lengths: str, seq_len: int, dp: int, grad_accum: int, samples:
     return out
 
 
+def kept_per_block(name: str, seq_len: int, policy: str, compiled: bool, overrides: list[str] = ()) -> float:
+    """[tokens, dim] tensors one block keeps for backward (bf16 units; counted through saved-tensor hooks, each
+    storage once, weights not): depth 4 less depth 2, halved, on one packed row of seq_len tokens on this device.
+    Eager op policies (elementwise, attention) keep theirs in torch's selective-checkpointing storage, which the
+    hooks do not see: measure those compiled."""
+    import dataclasses
+
+    from .models import DiT
+    from .parallel import OP_POLICIES, ParallelDims, parallelize_dit
+
+    if policy in OP_POLICIES and not compiled:
+        raise ValueError(f"--ac {policy} keeps its tensors where saved-tensor hooks cannot see them: add --compile")
+    base = load_preset(name, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seg, tseg, pos = synthetic_packed_batch(base, seq_len, 1, (seq_len // 4, seq_len // 2), 32)
+    kept = []
+    for depth in (2, 4):
+        torch.manual_seed(0)
+        args = dataclasses.replace(base, depth=depth)
+        model = parallelize_dit(DiT(args).to(device, torch.bfloat16).train(), ParallelDims(1, 0, 0, 1), policy,
+                                compile_blocks=compiled)
+        x = torch.randn(1, seq_len, args.patch_dim, device=device, dtype=torch.bfloat16)
+        t = torch.rand(1, args.max_segments, device=device, dtype=torch.bfloat16)
+        text = torch.randn(1, tseg.shape[1], args.text_dim, device=device, dtype=torch.bfloat16)
+        inputs = (x, t, pos.to(device), seg.to(device), text, tseg.to(device))
+        storages = {}
+
+        def pack(x):
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        for _ in range(2):  # the second forward: compiled, past the compile
+            storages.clear()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                out = model(*inputs, extent=pos.to(device) + 1)
+            out.float().pow(2).mean().backward()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept.append(sum(n for ptr, n in storages.items() if ptr not in weights))
+    return (kept[1] - kept[0]) / 2 / (seq_len * base.dim * 2)
+
+
+def bench_activations(models: list[str], seq_len: int, policies: list[str], compiled: bool,
+                      overrides: list[str] = ()) -> list[dict]:
+    return [{"model": name, "seq_len": seq_len, "activation_checkpointing": policy, "compile": compiled,
+             "kept_per_block": round(kept_per_block(name, seq_len, policy, compiled, overrides), 2)}
+            for name in models for policy in policies]
+
+
 def bench_plan(models: list[str], seq_lens: list[int], gpus: list[int], top: int, sample_tokens: int | None,
-               max_comm: float, ac: str = "full", checkpoint_blocks: int = -1, **cluster) -> list[dict]:
+               max_comm: float, ac: str = "full", checkpoint_blocks: int = -1, compiled: bool = False,
+               **cluster) -> list[dict]:
     """sora_train/plan.py for each preset, row budget and cluster size: the `top` fastest layouts (those that fit
     first), then the one needing the least memory among those that fit with communication at most `max_comm` of
     the step (marked "leanest"), when it is not among them."""
@@ -410,9 +460,10 @@ def bench_plan(models: list[str], seq_lens: list[int], gpus: list[int], top: int
         args = load_preset(name)
         for s in seq_lens:
             for g in gpus:
-                rows = [{**r, "activation_checkpointing": ac, "checkpoint_blocks": checkpoint_blocks}
+                rows = [{**r, "activation_checkpointing": ac, "checkpoint_blocks": checkpoint_blocks,
+                         "compile": compiled}
                         for r in plan(args, s, Cluster(gpus=g, **cluster), sample_tokens, ac=ac,
-                                      checkpoint_blocks=checkpoint_blocks)]
+                                      checkpoint_blocks=checkpoint_blocks, compiled=compiled)]
                 lean = [r for r in rows if r["fits"] and r["comm_share"] <= max_comm]
                 leanest = min(lean, key=lambda r: r["memory_gib"]) if lean else None
                 out += [{"model": name, "seq_len": s, "gpus": g, **r, "leanest": r is leanest} for r in rows[:top]]
@@ -476,12 +527,19 @@ def main(argv=None) -> None:
     pp.add_argument("--ac", default="full", choices=AC_POLICIES,
                     help="parallel.activation_checkpointing")
     pp.add_argument("--checkpoint-blocks", type=int, default=-1, help="parallel.checkpoint_blocks (-1: every block)")
+    pp.add_argument("--compile", action="store_true", help="parallel.compile (what compiled blocks keep)")
     pp.add_argument("--intra-gbps", type=float, default=350.0, help="GB/s per GPU inside a node")
     pp.add_argument("--inter-gbps", type=float, default=45.0, help="GB/s per GPU between nodes")
     pp.add_argument("--mfu", type=float, default=0.308, help="compute efficiency assumed (measured: 1B, 64k, H200)")
     pp.add_argument("--peak-tflops", type=float, default=989.0)
     pp.add_argument("--gpu-mem-gib", type=float, default=141.0)
-    for sp in (pm, pk, pa, pp):
+    pv = sub.add_parser("activations", help="[tokens, dim] tensors a block keeps for backward, per policy (measured)")
+    pv.add_argument("--model", nargs="+", default=["1B"])
+    pv.add_argument("--seq-len", type=int, default=2048)
+    pv.add_argument("--ac", nargs="+", choices=AC_POLICIES, default=["none", "full"])
+    pv.add_argument("--compile", action="store_true", help="compiled blocks (parallel.compile)")
+    pv.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. model.heads=24")
+    for sp in (pm, pk, pa, pp, pv):
         sp.add_argument("--json", default=None)
     for sp in (pm, pa):
         sp.add_argument("--sdpa-backend", default=None, choices=["cudnn", "flash", "efficient", "math"],
@@ -507,8 +565,10 @@ def pinned_sdpa(backend: str | None):
 def run(a) -> list[dict]:
     if a.what == "plan":
         results = bench_plan(a.model, a.seq_len, a.gpus, a.top, a.sample_tokens, a.max_comm, a.ac, a.checkpoint_blocks,
-                             gpus_per_node=a.gpus_per_node, intra_gbps=a.intra_gbps, inter_gbps=a.inter_gbps, mfu=a.mfu,
-                             peak_tflops=a.peak_tflops, gpu_mem_gib=a.gpu_mem_gib)
+                             a.compile, gpus_per_node=a.gpus_per_node, intra_gbps=a.intra_gbps,
+                             inter_gbps=a.inter_gbps, mfu=a.mfu, peak_tflops=a.peak_tflops, gpu_mem_gib=a.gpu_mem_gib)
+    elif a.what == "activations":
+        results = bench_activations(a.model, a.seq_len, a.ac, a.compile, a.override)
     elif a.what == "packing" and a.lengths:
         results = bench_balance(a.lengths, a.seq_len, a.dp, a.grad_accum, a.samples, a.lookahead, a.model)
     elif a.what == "packing":

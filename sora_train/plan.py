@@ -38,14 +38,22 @@ KEPT_PER_BLOCK = {"none": ACT_TENSORS_PER_BLOCK, "selective": ACT_TENSORS_PER_BL
                   "attention": 3, "full": 1}
 RECOMPUTED = {"none": 0, "selective": 8, "elementwise": ACT_TENSORS_RECOMPUTE, "attention": ACT_TENSORS_RECOMPUTE,
               "full": ACT_TENSORS_RECOMPUTE}
+# Compiled blocks (parallel.compile: one graph per block, the compiler choosing what to keep within each policy),
+# measured: `sora-bench activations --model 1B --ac none selective elementwise attention full --compile` (CPU,
+# Inductor, 2048 tokens: 25.1, 16.1, 14.7, 3.0, 1; docs/performance.md). The block being recomputed is taken to hold what a block without checkpointing
+# keeps (an upper bound: not measured).
+COMPILED_KEPT_PER_BLOCK = {"none": 25, "selective": 16, "elementwise": 15, "attention": 3, "full": 1}
+COMPILED_RECOMPUTED = {"none": 0, "selective": 9, "elementwise": 25, "attention": 25, "full": 25}
 
 
-def activation_tensors(depth: int, policy: str = "full", checkpoint_blocks: int = -1) -> int:
+def activation_tensors(depth: int, policy: str = "full", checkpoint_blocks: int = -1, compiled: bool = False) -> int:
     """[tokens, dim] bf16 tensors of activations at the peak of backward, for a checkpointing policy applied to
-    the first `checkpoint_blocks` blocks (-1: all; parallel.checkpoint_blocks), the rest keeping everything."""
+    the first `checkpoint_blocks` blocks (-1: all; parallel.checkpoint_blocks), the rest keeping everything;
+    compiled: parallel.compile."""
+    kept, recomputed = (COMPILED_KEPT_PER_BLOCK, COMPILED_RECOMPUTED) if compiled else (KEPT_PER_BLOCK, RECOMPUTED)
     checkpointed = depth if checkpoint_blocks == -1 else min(checkpoint_blocks, depth)
-    return (checkpointed * KEPT_PER_BLOCK[policy] + (depth - checkpointed) * ACT_TENSORS_PER_BLOCK
-            + (RECOMPUTED[policy] if checkpointed else 0))
+    return (checkpointed * kept[policy] + (depth - checkpointed) * kept["none"]
+            + (recomputed[policy] if checkpointed else 0))
 
 
 @dataclass
@@ -77,9 +85,9 @@ def row_segments(seq_len: int, sample_tokens: int, text_len: int) -> tuple[torch
 
 
 def plan_layout(a: DiTArgs, seq_len: int, fwd: float, params: int, c: Cluster, dp: int, ulysses: int, ring: int,
-                ac: str = "full", checkpoint_blocks: int = -1) -> dict:
-    """One layout; fwd: the forward FLOPs of one row, params: the preset's parameter count; ac and
-    checkpoint_blocks: parallel.activation_checkpointing and parallel.checkpoint_blocks."""
+                ac: str = "full", checkpoint_blocks: int = -1, compiled: bool = False) -> dict:
+    """One layout; fwd: the forward FLOPs of one row, params: the preset's parameter count; ac, checkpoint_blocks
+    and compiled: parallel.activation_checkpointing, parallel.checkpoint_blocks and parallel.compile."""
     sp = ulysses * ring
     local = seq_len / sp  # tokens per GPU
     recomputing = ac != "none" and checkpoint_blocks != 0
@@ -99,7 +107,7 @@ def plan_layout(a: DiTArgs, seq_len: int, fwd: float, params: int, c: Cluster, d
     zero_s = zero_bytes / bandwidth(c.gpus)
     step_s = compute_s + ulysses_s + ring_s + max(0.0, zero_s - compute_s)
     row = local * a.dim * BF16
-    activations = activation_tensors(a.depth, ac, checkpoint_blocks) * row
+    activations = activation_tensors(a.depth, ac, checkpoint_blocks, compiled) * row
     gathered_kv = 2 * seq_len * (a.dim / ulysses) * BF16 if ring > 1 else 0  # one block's, while it attends
     # ZeRO-3 gathers a block at a time and prefetches the next (parallel.gather_per_block): two blocks' bf16 weights
     gathered_params = 2 * params / a.depth * BF16
@@ -112,10 +120,10 @@ def plan_layout(a: DiTArgs, seq_len: int, fwd: float, params: int, c: Cluster, d
 
 
 def plan(a: DiTArgs, seq_len: int, cluster: Cluster, sample_tokens: int | None = None, text_len: int = 256,
-         ac: str = "full", checkpoint_blocks: int = -1) -> list[dict]:
+         ac: str = "full", checkpoint_blocks: int = -1, compiled: bool = False) -> list[dict]:
     """Every layout of the cluster, fastest (real tokens per second over the cluster) first; a layout that does
     not fit in memory last. `sample_tokens`: the clip length the rows hold (default: one clip per row)."""
     fwd, params = forward_flops(a, *row_segments(seq_len, sample_tokens or seq_len, text_len)), count_params(a)
-    rows = [plan_layout(a, seq_len, fwd, params, cluster, dp, u, r, ac, checkpoint_blocks)
+    rows = [plan_layout(a, seq_len, fwd, params, cluster, dp, u, r, ac, checkpoint_blocks, compiled)
             for dp, u, r in layouts(cluster.gpus, a.heads) if seq_len % (u * r) == 0]
     return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))

@@ -177,7 +177,7 @@ def test_per_sample_values_reach_their_tokens_the_same_way_on_both_paths():
     sample_of_token = torch.tensor([[0] * 4 + [1] * 9 + [2] * 3 + [0] * 2, [0] * 6 + [3] * 6 + [4] * 6])
     cot = torch.randn(2, 18, 7, generator=g, dtype=torch.float64)
     results = []
-    for onehot in (False, True):  # index_select (CPU) and the one-hot matmul CUDA takes
+    for onehot in (False, True):  # index_select's backward (CPU) and the one-hot GEMM CUDA takes
         out = to_tokens(per_sample, sample_of_token, onehot=onehot)
         (grad,) = torch.autograd.grad(out, per_sample, cot)
         results.append((out, grad))
@@ -516,6 +516,43 @@ def test_elementwise_checkpointing_recomputes_no_gemm_and_no_attention():
     assert backward["elementwise"]["other"] > backward["none"]["other"]  # the elementwise work again
 
 
+def kept_for_backward(model, batch, t) -> int:
+    """Bytes the model keeps for backward (each storage once, weights not), then the backward."""
+    storages = {}
+
+    def pack_hook(x):
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x):
+        out = run(model, batch, t)
+    out.pow(2).mean().backward()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in weights)
+
+
+def test_a_compiled_block_keeps_no_per_token_modulation_on_either_to_tokens_path(monkeypatch):
+    """CUDA's to_tokens sums its backward by a one-hot GEMM. Its forward was that GEMM too, whose [tokens, 6 dim]
+    output a compiled block kept for backward (the compiler recomputes no GEMM): 6 of the 1B preset's 31 [tokens,
+    dim] tensors per block (`sora-bench activations`). Now a gather in both: what CPU's path keeps, within indices."""
+    import functools
+
+    import sora_train.models.dit as dit
+    from sora_train.parallel import ParallelDims, parallelize_dit
+
+    args = dataclasses.replace(ARGS, attention="varlen")
+    batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
+    kept = {}
+    for onehot in (False, True):
+        monkeypatch.setattr(dit, "to_tokens", functools.partial(dit.to_tokens, onehot=onehot))
+        torch._dynamo.reset()
+        model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), "none", compile_blocks=True)
+        kept[onehot] = kept_for_backward(model, batch, t)
+        monkeypatch.undo()
+    one_tensor = batch.tokens.shape[1] * ARGS.dim * 4  # [tokens, dim] float32
+    assert abs(kept[True] - kept[False]) < one_tensor, kept
+
+
 def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says():
     """With the attention one op in the block's graph, checkpointing goes inside the compiled block and the
     compiler applies the op policies: the same gradients as eager without checkpointing, and the tensors kept for
@@ -530,18 +567,8 @@ def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says()
     for policy, compiled in (("none", False), ("elementwise", True), ("attention", True), ("full", True),
                              ("none", True)):
         model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), policy, compile_blocks=compiled)
-        storages = {}
-
-        def pack_hook(x):
-            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-            return x
-
-        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x):
-            out = run(model, batch, t)
-        out.pow(2).mean().backward()
+        kept[policy, compiled] = kept_for_backward(model, batch, t)
         grads[policy, compiled] = [p.grad for p in model.parameters()]
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept[policy, compiled] = sum(n for ptr, n in storages.items() if ptr not in weights)
     for key in grads:
         for a, b in zip(grads["none", False], grads[key]):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

@@ -176,3 +176,20 @@ def test_plan_enumerates_layouts_prices_their_traffic_and_matches_the_measured_m
     # parallel.checkpoint_blocks: between full and none, fewer checkpointed blocks holding more
     part = [plan(a, 65536, Cluster(gpus=1), ac="full", checkpoint_blocks=k)[0]["memory_gib"] for k in (24, 16, 12, 0)]
     assert part[0] == one["full"] and part[-1] == one["none"] and part == sorted(part) and part[2] < 141
+    # Compiled blocks keep less without checkpointing (one graph: the compiler recomputes cheap work itself) and the
+    # same with full checkpointing; elementwise fits where eager selective does not.
+    compiled = {ac: plan(a, 65536, Cluster(gpus=1), ac=ac, compiled=True)[0]["memory_gib"]
+                for ac in ("full", "attention", "elementwise", "none")}
+    assert compiled["none"] < one["none"] and compiled["elementwise"] < 141 and compiled["full"] <= one["full"]
+    assert compiled["full"] < compiled["attention"] < compiled["elementwise"] < compiled["none"]
+
+
+def test_bench_activations_counts_what_a_block_keeps():
+    """sora-bench activations: full checkpointing keeps each block's input, one [tokens, dim] tensor exactly;
+    without it a block keeps dozens; eager op policies are refused (their storage is invisible to the hooks)."""
+    from sora_train.bench import kept_per_block
+
+    assert kept_per_block("tiny", 256, "full", False) == pytest.approx(1.0)
+    assert kept_per_block("tiny", 256, "none", False) > 20
+    with pytest.raises(ValueError, match="--ac attention keeps its tensors where saved-tensor hooks cannot see"):
+        kept_per_block("tiny", 256, "attention", False)

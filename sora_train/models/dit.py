@@ -59,20 +59,40 @@ class DiTArgs:
 
 
 def to_tokens(per_sample: torch.Tensor, sample_of_token: torch.Tensor, onehot: bool | None = None) -> torch.Tensor:
-    """[B,M,K] values per sample slot -> [B,S,K] per token.
+    """[B,M,K] values per sample slot -> [B,S,K] per token: a row-wise gather, exact.
 
-    CPU: a row-wise index_select; its backward (index_add) is 2.5x faster there than gather's
-    scatter_add over an expanded [B,S,K] index. CUDA: a one-hot [B,S,M] matmul instead, because
-    index_add's backward there is atomics of thousands of tokens into the same few rows (4.6 ms
-    per block for the 1B preset at 64k tokens on an H200, 5% of the step; docs/performance.md);
-    the matmul's backward is one GEMM, exact (a single 1.0 per row) and deterministic."""
+    Its backward sums each sample's tokens. CPU: index_select's own backward (index_add), 2.5x faster there
+    than gather's scatter_add over an expanded [B,S,K] index. CUDA (onehot): a one-hot [B,M,S] GEMM instead,
+    because index_add there is atomics of thousands of tokens into the same few rows (4.6 ms per block for the
+    1B preset at 64k tokens on an H200, 5% of the step; docs/performance.md); the GEMM is one pass, exact (a
+    single 1.0 per row) and deterministic. Only the backward is a GEMM: a one-hot forward's [B,S,K] output is a
+    GEMM's, which a compiled block keeps for backward (six [tokens, dim] tensors per block, measured: sora-bench
+    activations) where a gather's it recomputes, fused into its consumers."""
     if onehot is None:
         onehot = per_sample.is_cuda
-    B, M = per_sample.shape[:2]
     if onehot:
-        return torch.bmm(F.one_hot(sample_of_token, M).to(per_sample.dtype), per_sample)
+        return _GatherSummedByGemm.apply(per_sample, sample_of_token)
+    return _gather(per_sample, sample_of_token)
+
+
+def _gather(per_sample: torch.Tensor, sample_of_token: torch.Tensor) -> torch.Tensor:
+    B, M = per_sample.shape[:2]
     rows = sample_of_token + torch.arange(B, device=sample_of_token.device)[:, None] * M
     return per_sample.flatten(0, 1).index_select(0, rows.flatten()).unflatten(0, sample_of_token.shape)
+
+
+class _GatherSummedByGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, per_sample, sample_of_token):
+        ctx.save_for_backward(sample_of_token)
+        ctx.slots = per_sample.shape[1]
+        return _gather(per_sample, sample_of_token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (sample_of_token,) = ctx.saved_tensors
+        onehot = F.one_hot(sample_of_token, ctx.slots).to(grad.dtype)  # [B,S,M]
+        return torch.bmm(onehot.transpose(1, 2), grad), None
 
 
 class DiTBlock(nn.Module):

@@ -38,9 +38,8 @@ def attention_kernel(op) -> bool:
 
 @functools.cache
 def matrix_product(op) -> bool:
-    """The linear layers' GEMMs (bf16 and torchao's float8). Not bmm: on CUDA the per-sample modulation reaches
-    its tokens by a one-hot bmm (models/dit.py: to_tokens) whose [tokens, 6 dim] output is cheap to recompute and
-    six tensors wide to keep."""
+    """The linear layers' GEMMs (bf16 and torchao's float8), whose outputs are worth keeping. Not bmm (the one-hot
+    GEMM of to_tokens' CUDA backward, models/dit.py)."""
     return str(op).split(".")[1] in ("mm", "addmm", "_scaled_mm")
 
 
