@@ -1,5 +1,5 @@
 """Parallelism applied to a plain DiT from outside, in one ordered function: sequence parallelism (the ring, then
-Ulysses around it) -> float8 linear layers (when asked) -> compile (when asked) -> activation checkpointing -> the
+Ulysses around it) -> float8 linear layers (when asked) -> activation checkpointing -> compile (when asked) -> the
 DeepSpeed engine (ZeRO; at stage 3 one gather per block). Under ZeRO-3 the model is built inside
 `deepspeed.zero.Init`, so no rank ever holds the whole model on its host."""
 
