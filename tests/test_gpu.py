@@ -183,29 +183,16 @@ def test_the_packed_attention_op_computes_sdpa_per_sequence_on_cuda(dtype, head_
     """sora_train::packed_attention (compiled blocks' per-sequence path) calls cuDNN's or flash's kernels as SDPA's
     autograd does, its backward fed the saved log-sum-exp: SDPA's output and gradients per sequence, within the
     kernels' own run-to-run noise; float32 and head dim 12 take SDPA's other kernels and recompute in backward."""
-    import torch.nn.functional as F
+    from test_model import packed_attention_and_sdpa, packed_qkv
 
-    from sora_train.models.packed_attention import _kernel, packed_attention
-    from test_model import packed_qkv
+    from sora_train.models.packed_attention import _kernel
 
     lengths_q, lengths_k = [3000, 0, 1700, 500, 96], [3000, 40, 1700, 0, 96]
     q, k, v = (x.detach().to(CUDA).requires_grad_() for x in packed_qkv(lengths_q, lengths_k, dtype, 8, head_dim))
     direct = _kernel(*(x[:3000].transpose(0, 1)[None] for x in (q, k, v)))
     if dtype == torch.bfloat16 and head_dim % 8 == 0:
         assert direct in ("cudnn", "flash"), direct  # not the recomputing fallback
-    out, _ = packed_attention(q, k, v, torch.tensor([lengths_q, lengths_k]))
-    grad = torch.randn_like(out)
-    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
-    outs, start_q, start_k = [], 0, 0
-    for n_q, n_k in zip(lengths_q, lengths_k):
-        sq, sk = slice(start_q, start_q + n_q), slice(start_k, start_k + n_k)
-        if n_q:
-            outs.append(F.scaled_dot_product_attention(*(x[s].transpose(0, 1)[None] for x, s in
-                                                         ((q, sq), (k, sk), (v, sk))))[0].transpose(0, 1)
-                        if n_k else torch.zeros_like(q[sq]))
-        start_q, start_k = start_q + n_q, start_k + n_k
-    ref = torch.cat(outs)
-    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad)]
+    got, want = packed_attention_and_sdpa(q, k, v, lengths_q, lengths_k)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         assert err < (1e-2 if dtype == torch.bfloat16 else 1e-4), (name, direct, err)

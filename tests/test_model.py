@@ -388,17 +388,12 @@ def packed_qkv(lengths_q, lengths_k, dtype, heads=4, head_dim=12, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_packed_attention_op_computes_sdpa_one_sequence_at_a_time(dtype):
-    """sora_train::packed_attention (compiled blocks' per-sequence path): SDPA's output and gradients for each
-    sequence, bit for bit on the CPU (the same kernels, its backward fed the forward's log-sum-exp); queries with
-    no keys (a row's padding) get zeros, keys with no queries no gradient."""
+def packed_attention_and_sdpa(q, k, v, lengths_q, lengths_k):
+    """The op's output and gradients, and SDPA's run one sequence at a time on the same packed q, k, v."""
     import torch.nn.functional as F
 
     from sora_train.models.packed_attention import packed_attention
 
-    lengths_q, lengths_k = [30, 0, 17, 5, 9], [30, 4, 17, 0, 11]
-    q, k, v = packed_qkv(lengths_q, lengths_k, dtype)
     out, _ = packed_attention(q, k, v, torch.tensor([lengths_q, lengths_k]))
     grad = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
@@ -411,7 +406,17 @@ def test_the_packed_attention_op_computes_sdpa_one_sequence_at_a_time(dtype):
                         if n_k else torch.zeros_like(q[sq]))
         start_q, start_k = start_q + n_q, start_k + n_k
     ref = torch.cat(outs)
-    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad)]
+    return got, [ref, *torch.autograd.grad(ref, (q, k, v), grad)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_attention_op_computes_sdpa_one_sequence_at_a_time(dtype):
+    """sora_train::packed_attention (compiled blocks' per-sequence path): SDPA's output and gradients for each
+    sequence, bit for bit on the CPU (the same kernels, its backward fed the forward's log-sum-exp); queries with
+    no keys (a row's padding) get zeros, keys with no queries no gradient."""
+    lengths_q, lengths_k = [30, 0, 17, 5, 9], [30, 4, 17, 0, 11]
+    q, k, v = packed_qkv(lengths_q, lengths_k, dtype)
+    got, want = packed_attention_and_sdpa(q, k, v, lengths_q, lengths_k)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert got[2][30:34].abs().max() == 0 and got[3][30:34].abs().max() == 0  # keys with no queries
