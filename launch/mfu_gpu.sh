@@ -9,27 +9,28 @@
 # was fastest checkpointing all but the attention kernels (docs/performance.md). Each block compiled is one graph,
 # attention included (sora_train::packed_attention) and checkpointing inside it, so the compiler takes every
 # policy. Here, that preset at 64k (activations by `sora-bench plan --compile`):
-#   compiled       compiled, AC elementwise (GEMM and attention outputs kept, the rest recomputed fused) and
-#                  attention (only attention outputs kept)
+#   compiled       compiled, AC elementwise (GEMM and attention outputs kept, the rest recomputed fused: 96 GiB)
+#   float8         the same with the blocks' linear layers in float8 (torchao tensorwise)
 #   compiled_none  compiled, no checkpointing (136 GiB predicted: at the edge of 141)
 #   partial        compiled, full checkpointing on the first 6 of 24 blocks, none on the rest (~114 GiB)
-#   float8         compiled elementwise with the blocks' linear layers in float8 (torchao tensorwise)
+#   compiled_attention  compiled, AC attention (only attention outputs kept: 42 GiB)
 #   eager          eager, AC attention (the best eager row; again on this tree)
 #   compiled_full  compiled, AC full
 #   zero1          ZeRO-1 compiled, AC elementwise (no parameter hooks at all)
 #   profile        a profile of the fastest configuration so far
 #   parity         float8 vs bf16 loss over 300 steps of the tiny model on synthetic shards encoded here
 #   scale          XL and B at 16k tokens, compiled, AC none|elementwise
-# MFU_LEVERS (default all, in the order above: compiled compiled_none partial float8 eager compiled_full zero1
-# profile parity scale_xl scale_b) names the calls to make, e.g. to finish in a second call what a first one's
-# budget skipped.
+# MFU_LEVERS (default all, in the order above: compiled float8 compiled_none partial compiled_attention eager
+# compiled_full zero1 profile parity scale_xl scale_b) names the calls to make, e.g. to finish in a second call
+# what a first one's budget skipped.
 # OUT gets device.txt mfu.log rows.json (every measured row, with its lever) summary.json profile_1b.txt parity.json.
 set -u
 start=$(date +%s)
 budget=${MFU_BUDGET_S:-600}
 LOG=mfu.log WORK=${GPU_CHECK_WORK:-/tmp/sora_mfu}
 . "$(dirname "$0")/gpu_env.sh"
-LEVERS=" ${MFU_LEVERS:-compiled compiled_none partial float8 eager compiled_full zero1 profile parity scale_xl scale_b} "
+LEVERS=" ${MFU_LEVERS:-compiled float8 compiled_none partial compiled_attention eager compiled_full zero1 profile parity
+  scale_xl scale_b} "
 wanted() { [[ $LEVERS == *" $1 "* ]]; }
 fits() { (( $(date +%s) - start + $1 <= budget )) || { echo "== skipped (budget): $2"; return 1; }; }
 bench() {  # bench LIMIT LEVER sora-bench-args...
@@ -42,10 +43,11 @@ bench() {  # bench LIMIT LEVER sora-bench-args...
 M1B=(model --model 1B --seq-len 65536 --steps 3 --warmup 2)
 
 COMPILED=(--override parallel.compile=true)
-bench 200 compiled "${M1B[@]}" --ac elementwise attention "${COMPILED[@]}"
+bench 130 compiled "${M1B[@]}" --ac elementwise "${COMPILED[@]}"
+bench 130 float8 "${M1B[@]}" --ac elementwise "${COMPILED[@]}" parallel.float8=tensorwise
 bench 120 compiled_none "${M1B[@]}" --ac none "${COMPILED[@]}"
 bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=6
-bench 120 float8 "${M1B[@]}" --ac elementwise "${COMPILED[@]}" parallel.float8=tensorwise
+bench 120 compiled_attention "${M1B[@]}" --ac attention "${COMPILED[@]}"
 bench 90 eager "${M1B[@]}" --ac attention
 bench 120 compiled_full "${M1B[@]}" --ac full "${COMPILED[@]}"
 bench 120 zero1 "${M1B[@]}" --ac elementwise "${COMPILED[@]}" parallel.zero_stage=1
