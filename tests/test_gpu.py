@@ -182,7 +182,7 @@ def test_op_checkpointing_keeps_the_cuda_attention_kernels(policy):
 def test_the_packed_attention_op_computes_sdpa_per_sequence_on_cuda(dtype, head_dim):
     """sora_train::packed_attention (compiled blocks' per-sequence path) calls cuDNN's or flash's kernels as SDPA's
     autograd does, its backward fed the saved log-sum-exp: SDPA's output and gradients per sequence, within the
-    kernels' own run-to-run noise; float32 and head dim 12 take SDPA's other kernels and recompute in backward."""
+    kernels' own run-to-run noise; float32 and head dim 12 take SDPA's other kernels, their backward by formula."""
     from test_model import packed_attention_and_sdpa, packed_qkv
 
     from sora_train.models.packed_attention import _kernel
@@ -191,7 +191,7 @@ def test_the_packed_attention_op_computes_sdpa_per_sequence_on_cuda(dtype, head_
     q, k, v = (x.detach().to(CUDA).requires_grad_() for x in packed_qkv(lengths_q, lengths_k, dtype, 8, head_dim))
     direct = _kernel(*(x[:3000].transpose(0, 1)[None] for x in (q, k, v)))
     if dtype == torch.bfloat16 and head_dim % 8 == 0:
-        assert direct in ("cudnn", "flash"), direct  # not the recomputing fallback
+        assert direct in ("cudnn", "flash"), direct  # not the fallback by formula
     got, want = packed_attention_and_sdpa(q, k, v, lengths_q, lengths_k)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()

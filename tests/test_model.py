@@ -338,6 +338,18 @@ def test_probe_recomputes_the_cross_attention_the_model_applies():
                              torch.randn(7, 16))
 
 
+def packed_layouts(args, S=256):
+    """7 packed rows of changing segment layout: the model's inputs (x, t, pos, seg, text, text_seg, extent)."""
+    from sora_train.bench import synthetic_packed_batch
+
+    for i, span in enumerate([(16, 85), (8, 32), (32, 128), (4, 16), (85, 256), (12, 64), (50, 128)]):
+        seg, tseg, pos = synthetic_packed_batch(args, S, 1, span, 10, seed=i)
+        g = torch.Generator().manual_seed(i)
+        x, t = torch.randn(1, S, args.patch_dim, generator=g), torch.rand(1, args.max_segments, generator=g)
+        text = torch.randn(1, tseg.shape[1], args.text_dim, generator=g)
+        yield x, t, pos, seg, text, tseg, pos.amax(1, keepdim=True).expand_as(pos) + 1
+
+
 def test_compiled_blocks_compute_the_eager_function_in_one_graph_without_recompiling_per_packed_layout():
     """parallel.compile compiles each block. Packed rows change their segment layout every step: tracing the
     attention's per-sequence path specialised each block on the layout's lengths (a recompile per step, eager for
@@ -348,8 +360,6 @@ def test_compiled_blocks_compute_the_eager_function_in_one_graph_without_recompi
 
     from torch._dynamo.utils import counters
 
-    from sora_train.bench import synthetic_packed_batch
-
     args = dataclasses.replace(ARGS, attention="varlen", max_segments=32)
     eager = trained_model(args)
     compiled = copy.deepcopy(eager)
@@ -357,18 +367,13 @@ def test_compiled_blocks_compute_the_eager_function_in_one_graph_without_recompi
         block.compile()
     torch._dynamo.reset()
     counters.clear()
-    S, graphs, segments = 256, [], set()
-    for i, span in enumerate([(16, 85), (8, 32), (32, 128), (4, 16), (85, 256), (12, 64), (50, 128)]):
-        seg, tseg, pos = synthetic_packed_batch(args, S, 1, span, 10, seed=i)
-        segments.add(int(seg.max()))
-        g = torch.Generator().manual_seed(i)
-        x, t = torch.randn(1, S, args.patch_dim, generator=g), torch.rand(1, args.max_segments, generator=g)
-        text = torch.randn(1, tseg.shape[1], args.text_dim, generator=g)
-        extent = pos.amax(1, keepdim=True).expand_as(pos) + 1
+    graphs, segments = [], set()
+    for *inputs, extent in packed_layouts(args):
+        segments.add(int(inputs[3].max()))
         results = []
         for model in (eager, compiled):
             model.zero_grad()
-            out = model(x, t, pos, seg, text, tseg, extent=extent)
+            out = model(*inputs, extent=extent)
             out.pow(2).mean().backward()
             results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
         (a, grads_a), (b, grads_b) = results
@@ -423,6 +428,24 @@ def test_the_packed_attention_op_computes_sdpa_one_sequence_at_a_time(dtype):
     assert got[0][sum(lengths_q[:4]) - 5:sum(lengths_q[:4])].abs().max() == 0  # queries with no keys: zeros
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_attention_op_takes_the_formulas_where_sdpa_has_no_kernel_it_calls(monkeypatch, dtype):
+    """Where SDPA would take a kernel the op does not call (float32 on CUDA, head dims flash refuses), the op's
+    backward computes the gradients from attention's formulas, a block of queries at a time (autograd does not run
+    inside an op): SDPA's gradients within float32 rounding, over blocks that split sequences."""
+    import functools
+
+    from sora_train.models import packed_attention as op
+
+    monkeypatch.setattr(op, "_kernel", lambda q, k, v: "formula")
+    monkeypatch.setattr(op, "_attention_backward_by_formula",
+                        functools.partial(op._attention_backward_by_formula, rows=7))
+    lengths_q, lengths_k = [30, 0, 17, 5, 9], [30, 4, 17, 0, 11]
+    got, want = packed_attention_and_sdpa(*packed_qkv(lengths_q, lengths_k, dtype), lengths_q, lengths_k)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **({} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
+
+
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 def test_the_packed_attention_op_calls_the_cuda_kernels_as_sdpa_autograd_does(monkeypatch, kernel):
     """The CUDA kernels' calls (cuDNN's and flash's forward with log-sum-exp, then their backward) checked
@@ -436,6 +459,54 @@ def test_the_packed_attention_op_calls_the_cuda_kernels_as_sdpa_autograd_does(mo
     assert out.shape == q.shape and lse.shape == (4, 100) and lse.dtype == torch.float32
     grads = op._backward_one(torch.empty_like(out), q, k, v, out, lse)
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_compiled_blocks_on_the_fused_varlen_path_stop_recompiling_after_two_layouts(monkeypatch):
+    """On CUDA most rows take torch's varlen op, traced into the block with the rows' longest sample lengths as
+    ints (max_q, max_k of the self- and cross-attention masks). Dynamo specialises a changed int once, then makes
+    it dynamic: over 7 packed layouts the block compiles 3 times and no more (8 is its limit, then eager for good).
+    CPU stand-in with torch's op signature: sora_train::packed_attention behind it."""
+    from torch._dynamo.utils import counters
+
+    import sora_train.models.packed_attention as packed_attention_module
+
+    def lengths(cu_q, cu_k):
+        return torch.stack([cu_q.diff(), cu_k.diff()]).long().cpu()
+
+    @torch.library.custom_op("sora_test::varlen_attn", mutates_args=())
+    def varlen_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                    max_q: int, max_k: int) -> torch.Tensor:
+        return torch.ops.sora_train.packed_attention(q, k, v, lengths(cu_q, cu_k))[0]
+
+    @varlen_attn.register_fake
+    def _(q, k, v, cu_q, cu_k, max_q, max_k):
+        return torch.empty_like(q)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3], output)
+        ctx.lengths = lengths(*inputs[3:5])
+
+    def backward(ctx, grad):
+        q, k, v, out = ctx.saved_tensors
+        lse = q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)  # unused: CPU attention by formula
+        grads = torch.ops.sora_train.packed_attention_backward(grad, q, k, v, out, lse, ctx.lengths)
+        return (*grads, None, None, None, None)
+
+    varlen_attn.register_autograd(backward, setup_context=setup_context)
+    monkeypatch.setattr(packed_attention_module, "_kernel", lambda q, k, v: "formula")
+    monkeypatch.setattr(VarlenAttention, "kernel_for", lambda self, *args, **kwargs: "torch_varlen")
+    args = dataclasses.replace(ARGS, attention="varlen", max_segments=32)
+    model = trained_model(args)
+    for attention in (model.attention, model.cross_attention):
+        attention._torch_varlen = lambda q, k, v, cu_q, cu_k, max_q, max_k: torch.ops.sora_test.varlen_attn(
+            q, k, v, cu_q, cu_k, max_q, max_k)
+    for block in model.blocks:
+        block.compile()
+    torch._dynamo.reset()
+    counters.clear()
+    for inputs in packed_layouts(args):
+        model(*inputs[:-1], extent=inputs[-1]).pow(2).mean().backward()
+    assert counters["stats"]["unique_graphs"] <= 3 and not counters["graph_break"], dict(counters["stats"])
 
 
 class CountOps(TorchDispatchMode):

@@ -10,7 +10,7 @@ backward is the one SDPA's autograd runs, fed the forward's log-sum-exp: nothing
 Each sequence runs the kernel `torch.nn.functional.scaled_dot_product_attention` would choose for it
 (`torch._fused_sdp_choice`), called as SDPA's own autograd calls it: cuDNN or flash attention on CUDA, the flash
 kernel on the CPU. Where SDPA would take another kernel (the memory-efficient one, float32 on CUDA; the math
-fallback), the backward recomputes that sequence's forward.
+fallback), the backward computes that sequence's gradients from the formulas, a block of queries at a time.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ def _kernel(q: Tensor, k: Tensor, v: Tensor) -> str:
         return "cudnn"
     if choice == SDPBackend.FLASH_ATTENTION.value:
         return "flash" if q.is_cuda else "flash_cpu"
-    return "recompute"
+    return "formula"
 
 
 def _forward_one(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
-    """[1, H, S, D] views -> out [1, H, Sq, D], log-sum-exp [H, Sq] (None where backward recomputes)."""
+    """[1, H, S, D] views -> out [1, H, Sq, D], log-sum-exp [H, Sq] (None where backward takes the formulas)."""
     kernel = _kernel(q, k, v)
     if kernel == "cudnn":
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
@@ -77,9 +77,24 @@ def _backward_one(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     if kernel == "flash_cpu":  # its log-sum-exp is [1, H, S] over [S, H] memory
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse.t().contiguous().t()[None], 0.0, False)
-    with torch.enable_grad():
-        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-        return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
+    return _attention_backward_by_formula(grad, q, k, v)
+
+
+def _attention_backward_by_formula(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rows: int = 1024):
+    """Attention's gradients from its formulas, the probabilities recomputed in float32 for `rows` queries at a
+    time ([H, rows, Sk] at most): autograd does not run inside an op's kernel."""
+    scale = q.shape[-1] ** -0.5
+    qf, kf, vf, gf = (x[0].float() for x in (q, k, v, grad))  # [H, S, D]
+    dq, dk, dv = torch.empty_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+    for start in range(0, qf.shape[1], rows):
+        qc, gc = qf[:, start:start + rows], gf[:, start:start + rows]
+        p = (qc @ kf.transpose(1, 2) * scale).softmax(-1)
+        dp = gc @ vf.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq[:, start:start + rows] = ds @ kf * scale
+        dk += ds.transpose(1, 2) @ qc * scale
+        dv += p.transpose(1, 2) @ gc
+    return tuple(x[None].to(q.dtype) for x in (dq, dk, dv))
 
 
 @torch.library.custom_op("sora_train::packed_attention", mutates_args=())
