@@ -419,6 +419,8 @@ def test_the_packed_attention_op_computes_sdpa_one_sequence_at_a_time(dtype):
     """sora_train::packed_attention (compiled blocks' per-sequence path): SDPA's output and gradients for each
     sequence, bit for bit on the CPU (the same kernels, its backward fed the forward's log-sum-exp); queries with
     no keys (a row's padding) get zeros, keys with no queries no gradient."""
+    from sora_train.models.packed_attention import packed_attention
+
     lengths_q, lengths_k = [30, 0, 17, 5, 9], [30, 4, 17, 0, 11]
     q, k, v = packed_qkv(lengths_q, lengths_k, dtype)
     got, want = packed_attention_and_sdpa(q, k, v, lengths_q, lengths_k)
@@ -426,6 +428,8 @@ def test_the_packed_attention_op_computes_sdpa_one_sequence_at_a_time(dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert got[2][30:34].abs().max() == 0 and got[3][30:34].abs().max() == 0  # keys with no queries
     assert got[0][sum(lengths_q[:4]) - 5:sum(lengths_q[:4])].abs().max() == 0  # queries with no keys: zeros
+    with pytest.raises(ValueError, match=r"lengths \[52, 51\] do not cover the 61 queries and 62 keys"):
+        packed_attention(q[:61], k, v, torch.tensor([lengths_q[:4], lengths_k[:4]]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,11 +24,11 @@ aten = torch.ops.aten
 
 
 def _sequences(lengths: Tensor):
-    """Query and key slices of each sequence that has both: lengths [2, N] (CPU) holds their lengths."""
+    """Each sequence's query and key slices: lengths [2, N] (CPU) holds their lengths. One of the two may be
+    empty (a row's padding queries have no keys)."""
     start_q = start_k = 0
     for n_q, n_k in zip(*lengths.tolist()):
-        if n_q and n_k:
-            yield slice(start_q, start_q + n_q), slice(start_k, start_k + n_k)
+        yield slice(start_q, start_q + n_q), slice(start_k, start_k + n_k)
         start_q, start_k = start_q + n_q, start_k + n_k
 
 
@@ -102,13 +102,17 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> tuple[
     """q [Tq, H, D], k and v [Tk, H, D]: a packed row's sequences one after another. lengths [2, N] int64 on the
     CPU (read without waiting for the GPU): each sequence's query and key lengths; queries with no keys (a row's
     padding) get zeros. -> out [Tq, H, D], log-sum-exp [H, Tq] float32 (for the backward)."""
-    out = torch.zeros_like(q)
-    lse = q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+    if lengths.sum(1).tolist() != [q.shape[0], k.shape[0]]:
+        raise ValueError(f"packed_attention: sequence lengths {lengths.sum(1).tolist()} do not cover the "
+                         f"{q.shape[0]} queries and {k.shape[0]} keys (more samples in a row than max_segments?)")
+    # Written slice by slice, zeroed only where no kernel writes (a full memset would be one more pass over the row)
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     for sq, sk in _sequences(lengths):
+        if sk.stop == sk.start:
+            out[sq], lse[:, sq] = 0, 0
+            continue
         o, m = _forward_one(_heads_first(q[sq]), _heads_first(k[sk]), _heads_first(v[sk]))
-        out[sq] = o[0].transpose(0, 1)
-        if m is not None:
-            lse[:, sq] = m
+        out[sq], lse[:, sq] = o[0].transpose(0, 1), 0 if m is None else m
     return out, lse
 
 
@@ -121,8 +125,11 @@ def _(q, k, v, lengths):
 def packed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                               lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     grad = grad.contiguous()
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for sq, sk in _sequences(lengths):
+        if sq.stop == sq.start or sk.stop == sk.start:  # queries without keys, or keys without queries
+            dq[sq], dk[sk], dv[sk] = 0, 0, 0
+            continue
         grads = _backward_one(*(_heads_first(x) for x in (grad[sq], q[sq], k[sk], v[sk], out[sq])), lse[:, sq])
         for d, g, s in zip((dq, dk, dv), grads, (sq, sk, sk)):
             d[s] = g[0].transpose(0, 1)
