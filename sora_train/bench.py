@@ -169,6 +169,12 @@ def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None
            "device": device_name(device)}
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if cfg.parallel.zero_stage == 3 and trainer.dims.world_size == 1:  # what sora-bench plan predicts for this row
+        from .plan import Cluster, plan
+
+        res["planned_gib"] = plan(args, seq_len * rows, Cluster(gpus=1), ac=ac,
+                                  checkpoint_blocks=cfg.parallel.checkpoint_blocks,
+                                  compiled=cfg.parallel.compile)[0]["memory_gib"]
     return res
 
 

@@ -79,6 +79,7 @@ def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
     trainer, (bare,) = rows["trainer"], rows["bare"]
     assert [(t["path"], t["activation_checkpointing"]) for t in trainer] == [("trainer", "none"), ("trainer", "full")]
     assert bare["path"] == "bare" and trainer[0]["zero_stage"] == 3 and trainer[0]["optimizer"] == "adamw"
+    assert 0 < trainer[1]["planned_gib"] < trainer[0]["planned_gib"]  # sora-bench plan's memory for each row
     for row in [*trainer, bare]:
         assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and row["mfu"] == pytest.approx(row["tflops"] / 2)
     # One FLOP count (models/flops.py) for both: the same rows, the same work per step.
