@@ -46,7 +46,7 @@ COMPILED=(--override parallel.compile=true)
 bench 130 compiled "${M1B[@]}" --ac elementwise "${COMPILED[@]}"
 bench 130 float8 "${M1B[@]}" --ac elementwise "${COMPILED[@]}" parallel.float8=tensorwise
 bench 120 compiled_none "${M1B[@]}" --ac none "${COMPILED[@]}"
-bench 120 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=6
+bench 150 partial "${M1B[@]}" --ac full "${COMPILED[@]}" parallel.checkpoint_blocks=6
 bench 120 compiled_attention "${M1B[@]}" --ac attention "${COMPILED[@]}"
 bench 90 eager "${M1B[@]}" --ac attention
 bench 120 compiled_full "${M1B[@]}" --ac full "${COMPILED[@]}"
