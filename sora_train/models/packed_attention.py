@@ -3,7 +3,7 @@
 Why an op of its own: `parallel.compile` compiles each block. Traced by dynamo, a Python loop over the row's
 sequences specialises the graph on their lengths (a recompile per packed layout); left out of the graph, it split
 each block into seven graphs, whose boundaries kept tensors a single graph does not (33 [tokens, dim] tensors per
-block against 26, measured on CPU: docs/performance.md) and hid the block from selective checkpointing. As one op,
+block against 26, measured on CPU at dim 512) and hid the block from selective checkpointing. As one op,
 the graph holds the attention as one node whatever the layout, selective checkpointing sees it by name, and its
 backward is the one SDPA's autograd runs, fed the forward's log-sum-exp: nothing is recomputed.
 
