@@ -430,20 +430,25 @@ def kept_per_block(name: str, seq_len: int, policy: str, compiled: bool, overrid
         t = torch.rand(1, args.max_segments, device=device, dtype=torch.bfloat16)
         text = torch.randn(1, tseg.shape[1], args.text_dim, device=device, dtype=torch.bfloat16)
         inputs = (x, t, pos.to(device), seg.to(device), text, tseg.to(device))
-        storages = {}
-
-        def pack(x):
-            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-            return x
-
-        for _ in range(2):  # the second forward: compiled, past the compile
-            storages.clear()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-                out = model(*inputs, extent=pos.to(device) + 1)
-            out.float().pow(2).mean().backward()
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept.append(sum(n for ptr, n in storages.items() if ptr not in weights))
+        forward = lambda: model(*inputs, extent=pos.to(device) + 1)  # noqa: E731
+        kept_for_backward(model, forward)  # compiled: the compile
+        kept.append(kept_for_backward(model, forward))
     return (kept[1] - kept[0]) / 2 / (seq_len * base.dim * 2)
+
+
+def kept_for_backward(model, forward) -> int:
+    """Bytes that forward() keeps for backward (each storage once, the model's weights not), then the backward."""
+    storages = {}
+
+    def pack(x):
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = forward()
+    out.float().pow(2).mean().backward()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in weights)
 
 
 def bench_activations(models: list[str], seq_len: int, policies: list[str], compiled: bool,

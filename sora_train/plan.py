@@ -7,9 +7,10 @@ docs/performance.md). Activation memory is calibrated on the measured single-GPU
 bf16 [tokens, dim] tensors per block without activation checkpointing (B at 64k: 41.4 GiB), one per block plus
 ~30 for the block being recomputed with it (1B at 64k: 19.7 GiB); the other checkpointing policies keep what
 KEPT_PER_BLOCK says (checked on the trainer's step: docs/performance.md, with the other measured rows); compiled
-blocks what COMPILED_KEPT_PER_BLOCK says (measured by `sora-bench activations`). ZeRO-3 adds two blocks' gathered bf16 weights (the one computing, the next one arriving). Sequence-parallel traffic is on
-the critical path (attention waits for it); ZeRO-3's parameter gathers and gradient reduce-scatters are
-prefetched and overlapped, so only their excess over compute counts.
+blocks what COMPILED_KEPT_PER_BLOCK says (measured by `sora-bench activations`). ZeRO-3 adds two blocks'
+gathered bf16 weights (the one computing, the next one arriving). Sequence-parallel traffic is on the critical
+path (attention waits for it); ZeRO-3's parameter gathers and gradient reduce-scatters are prefetched and
+overlapped, so only their excess over compute counts.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ RECOMPUTED = {"none": 0, "selective": 8, "elementwise": ACT_TENSORS_RECOMPUTE, "
 # Inductor, 2048 tokens: 25.1, 16.1, 14.7, 3.0, 1; docs/performance.md). The block being recomputed is taken to
 # hold what a block without checkpointing keeps (an upper bound: not measured).
 COMPILED_KEPT_PER_BLOCK = {"none": 25, "selective": 16, "elementwise": 15, "attention": 3, "full": 1}
-COMPILED_RECOMPUTED = {"none": 0, "selective": 9, "elementwise": 25, "attention": 25, "full": 25}
+COMPILED_RECOMPUTED = {"none": 0, "selective": 9, **dict.fromkeys(("elementwise", "attention", "full"),
+                                                                   COMPILED_KEPT_PER_BLOCK["none"])}
 
 
 def activation_tensors(depth: int, policy: str = "full", checkpoint_blocks: int = -1, compiled: bool = False) -> int:

@@ -115,10 +115,9 @@ def test_trainer_steps_give_the_same_losses_at_zero_stage_0_and_3_on_cuda(stage_
     torch.testing.assert_close(torch.tensor(stage3), torch.tensor(stage0), rtol=rtol, atol=1e-6)
 
 
-@pytest.mark.parametrize("lever", ["compile", "float8"])
-def test_compiled_and_float8_blocks_compute_the_bf16_function_on_cuda(lever):
-    """Inductor's Triton kernels (CPU tests see its C++ ones) and float8 on the device's own GEMMs, forward and
-    backward, against the eager bf16 model: compiled within bf16's rounding, float8 within e4m3's (~5% per GEMM)."""
+def against_eager_bf16(attention: str, **levers) -> tuple[float, float]:
+    """The tiny model (head dim 16) eager in bf16 on CUDA against a copy with parallelize_dit's levers: the
+    output's relative error and the gradients' cosine."""
     import copy
     import dataclasses
 
@@ -126,13 +125,8 @@ def test_compiled_and_float8_blocks_compute_the_bf16_function_on_cuda(lever):
 
     from sora_train.parallel import ParallelDims, parallelize_dit
 
-    if lever == "float8":
-        pytest.importorskip("torchao.float8")
-        if torch.cuda.get_device_capability() < (8, 9):
-            pytest.skip("float8 GEMMs need compute capability 8.9")
-    eager = trained_model(dataclasses.replace(ARGS, attention="varlen", dim=64)).train().to(CUDA, torch.bfloat16)
-    other = parallelize_dit(copy.deepcopy(eager), ParallelDims(1, 0, 0, 1), "full", compile_blocks=lever == "compile",
-                            float8="tensorwise" if lever == "float8" else "none")
+    eager = trained_model(dataclasses.replace(ARGS, attention=attention, dim=64)).train().to(CUDA, torch.bfloat16)
+    other = parallelize_dit(copy.deepcopy(eager), ParallelDims(1, 0, 0, 1), **levers)
     batch = pack(make_items(3), seq_len=64).to(CUDA)
     batch.tokens, batch.text = batch.tokens.bfloat16(), batch.text.bfloat16()
     t = torch.rand(1, ARGS.max_segments, device=CUDA, dtype=torch.bfloat16)
@@ -142,9 +136,21 @@ def test_compiled_and_float8_blocks_compute_the_bf16_function_on_cuda(lever):
         out.pow(2).mean().backward()
         results.append((out.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters()])))
     (a, ga), (b, gb) = results
-    err = ((b - a).norm() / a.norm()).item()
+    return ((b - a).norm() / a.norm()).item(), torch.nn.functional.cosine_similarity(ga, gb, dim=0).item()
+
+
+@pytest.mark.parametrize("lever", ["compile", "float8"])
+def test_compiled_and_float8_blocks_compute_the_bf16_function_on_cuda(lever):
+    """Inductor's Triton kernels (CPU tests see its C++ ones) and float8 on the device's own GEMMs, forward and
+    backward, against the eager bf16 model: compiled within bf16's rounding, float8 within e4m3's (~5% per GEMM)."""
+    if lever == "float8":
+        pytest.importorskip("torchao.float8")
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("float8 GEMMs need compute capability 8.9")
+    err, cosine = against_eager_bf16("varlen", activation_checkpointing="full", compile_blocks=lever == "compile",
+                                     float8="tensorwise" if lever == "float8" else "none")
     assert err < (3e-2 if lever == "compile" else 0.12), err
-    assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > (0.999 if lever == "compile" else 0.98)
+    assert cosine > (0.999 if lever == "compile" else 0.98)
 
 
 @pytest.mark.parametrize("policy", ["attention", "elementwise"])
@@ -204,25 +210,7 @@ def test_compiled_blocks_with_checkpointing_inside_compute_the_eager_function_on
     sora_train::packed_attention one sequence at a time): Inductor's Triton kernels and the recompute it fuses give
     the eager model's output and gradients within bf16's rounding. The other policies differ only in what the same
     machinery keeps (tests/test_model.py)."""
-    import copy
-    import dataclasses
-
-    from test_model import ARGS, make_items, pack, run, trained_model
-
-    from sora_train.parallel import ParallelDims, parallelize_dit
-
-    batch = pack(make_items(3), seq_len=64).to(CUDA)
-    batch.tokens, batch.text = batch.tokens.bfloat16(), batch.text.bfloat16()
-    t = torch.rand(1, ARGS.max_segments, device=CUDA, dtype=torch.bfloat16)
     for attention in ("varlen", "varlen:sdpa"):  # head dim 16
-        eager = trained_model(dataclasses.replace(ARGS, attention=attention, dim=64)).train().to(CUDA, torch.bfloat16)
-        compiled = parallelize_dit(copy.deepcopy(eager), ParallelDims(1, 0, 0, 1), "elementwise", compile_blocks=True,
-                                   checkpoint_blocks=1)
-        results = []
-        for model in (eager, compiled):
-            out = run(model, batch, t).float()
-            out.pow(2).mean().backward()
-            results.append((out.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters()])))
-        (a, ga), (b, gb) = results
-        assert ((b - a).norm() / a.norm()).item() < 3e-2, attention
-        assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999, attention
+        err, cosine = against_eager_bf16(attention, activation_checkpointing="elementwise", compile_blocks=True,
+                                         checkpoint_blocks=1)
+        assert err < 3e-2 and cosine > 0.999, (attention, err, cosine)

@@ -15,6 +15,7 @@ from sora_train.models import DiT, DiTArgs
 from sora_train.models.attention import FlexAttention, VarlenAttention, build_attention
 from sora_train.models.dit import to_tokens
 from sora_train.models.flops import forward_flops
+from sora_train.bench import kept_for_backward
 from sora_train.models.layers import FractionalPositions
 
 ARGS = DiTArgs(in_channels=8, patch_size=(1, 2, 2), dim=48, depth=2, heads=4, text_dim=16, max_segments=8,
@@ -596,21 +597,6 @@ def test_elementwise_checkpointing_recomputes_no_gemm_and_no_attention():
     assert backward["elementwise"]["other"] > backward["none"]["other"]  # the elementwise work again
 
 
-def kept_for_backward(model, batch, t) -> int:
-    """Bytes the model keeps for backward (each storage once, weights not), then the backward."""
-    storages = {}
-
-    def pack_hook(x):
-        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x):
-        out = run(model, batch, t)
-    out.pow(2).mean().backward()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in storages.items() if ptr not in weights)
-
-
 def test_a_compiled_block_keeps_no_per_token_modulation_on_either_to_tokens_path(monkeypatch):
     """CUDA's to_tokens sums its backward by a one-hot GEMM. Its forward was that GEMM too, whose [tokens, 6 dim]
     output a compiled block kept for backward (the compiler recomputes no GEMM): 6 of the 1B preset's 31 [tokens,
@@ -627,7 +613,7 @@ def test_a_compiled_block_keeps_no_per_token_modulation_on_either_to_tokens_path
         monkeypatch.setattr(dit, "to_tokens", functools.partial(dit.to_tokens, onehot=onehot))
         torch._dynamo.reset()
         model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), "none", compile_blocks=True)
-        kept[onehot] = kept_for_backward(model, batch, t)
+        kept[onehot] = kept_for_backward(model, lambda: run(model, batch, t))
         monkeypatch.undo()
     one_tensor = batch.tokens.shape[1] * ARGS.dim * 4  # [tokens, dim] float32
     assert abs(kept[True] - kept[False]) < one_tensor, kept
@@ -647,7 +633,7 @@ def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says()
     for policy, compiled in (("none", False), ("elementwise", True), ("attention", True), ("full", True),
                              ("none", True)):
         model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), policy, compile_blocks=compiled)
-        kept[policy, compiled] = kept_for_backward(model, batch, t)
+        kept[policy, compiled] = kept_for_backward(model, lambda: run(model, batch, t))
         grads[policy, compiled] = [p.grad for p in model.parameters()]
     for key in grads:
         for a, b in zip(grads["none", False], grads[key]):

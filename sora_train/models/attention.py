@@ -16,7 +16,7 @@ import abc
 import torch
 import torch.nn.functional as F
 
-from .packed_attention import packed_attention
+from .packed_attention import packed_attention, sequences
 
 
 def segment_mask(seg_q: torch.Tensor, seg_k: torch.Tensor) -> torch.Tensor:
@@ -167,11 +167,12 @@ class VarlenAttention(AttentionBackend):
     def prepare(self, seg_q, seg_k):
         lq, lk = varlen_lengths(seg_q, seg_k, self.max_segments)
         cu = lambda n: F.pad(n.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
-        samples = lq.view(seg_q.shape[0], -1)[:, :-1]  # the last run of each row is its padding
+        # lengths: on the CPU (one transfer here), read by the per-sequence paths without waiting for the GPU
+        lengths = torch.stack([lq, lk]).cpu()
+        samples = lengths[0].view(seg_q.shape[0], -1)[:, :-1]  # the last run of each row is its padding
         mean_tokens = float(samples.sum() / (samples > 0).sum().clamp(min=1))
-        lengths = [lq.tolist(), lk.tolist()]
-        return {"lq": lengths[0], "lk": lengths[1], "lengths": torch.tensor(lengths), "cu_q": cu(lq), "cu_k": cu(lk),
-                "max_q": int(lq.max()), "max_k": int(lk.max()),
+        max_q, max_k = lengths.max(1).values.tolist()
+        return {"lengths": lengths, "cu_q": cu(lq), "cu_k": cu(lk), "max_q": max_q, "max_k": max_k,
                 "one_at_a_time": not self.named and mean_tokens >= self.LONG_SAMPLE_TOKENS}
 
     def forward(self, q, k, v, mask):
@@ -198,16 +199,13 @@ class VarlenAttention(AttentionBackend):
 
     @staticmethod
     def _sdpa_per_sequence(qf, kf, vf, mask):
-        outs, kq, kk = [], 0, 0
-        for nq, nk in zip(mask["lq"], mask["lk"]):
-            if nq:
-                if nk:
-                    o = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in
-                                                         (qf[kq:kq + nq], kf[kk:kk + nk], vf[kk:kk + nk])))
-                    outs.append(o[0].transpose(0, 1))
-                else:  # padding queries with no padding keys: output unused, keep it finite
-                    outs.append(torch.zeros_like(qf[kq:kq + nq]))
-            kq, kk = kq + nq, kk + nk
+        outs = []
+        for sq, sk in sequences(mask["lengths"]):
+            if sk.stop > sk.start:
+                o = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qf[sq], kf[sk], vf[sk])))
+                outs.append(o[0].transpose(0, 1))
+            else:  # padding queries with no padding keys: output unused, keep it finite
+                outs.append(torch.zeros_like(qf[sq]))
         return torch.cat(outs)
 
 

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend
 aten = torch.ops.aten
 
 
-def _sequences(lengths: Tensor):
+def sequences(lengths: Tensor):
     """Each sequence's query and key slices: lengths [2, N] (CPU) holds their lengths. One of the two may be
     empty (a row's padding queries have no keys)."""
     start_q = start_k = 0
@@ -107,7 +107,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> tuple[
                          f"{q.shape[0]} queries and {k.shape[0]} keys (more samples in a row than max_segments?)")
     # Written slice by slice, zeroed only where no kernel writes (a full memset would be one more pass over the row)
     out, lse = torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
-    for sq, sk in _sequences(lengths):
+    for sq, sk in sequences(lengths):
         if sk.stop == sk.start:
             out[sq], lse[:, sq] = 0, 0
             continue
@@ -126,7 +126,7 @@ def packed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                               lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     grad = grad.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    for sq, sk in _sequences(lengths):
+    for sq, sk in sequences(lengths):
         if sq.stop == sq.start or sk.stop == sk.start:  # queries without keys, or keys without queries
             dq[sq], dk[sk], dv[sk] = 0, 0, 0
             continue
