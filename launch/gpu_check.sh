@@ -80,8 +80,8 @@ for name in ("bench_trainer.json", "bench_bare.json"):
 summary = {"seconds": seconds, "exit_codes": {k: int(v) for k, v in codes.items()},
            "resume": {"steps_compared": after, "equal": bool(after) and max(diffs) == 0.0,
                       "max_rel_diff": max(diffs) if diffs else None},
-           "bench": [{k: r.get(k) for k in ("path", "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib",
-                                             "kernel", "error")} for r in bench]}
+           "bench": [{k: r.get(k) for k in ("path", "step_s", "phases_s", "tokens_per_s", "tflops", "mfu",
+                                             "peak_mem_gib", "kernel", "error")} for r in bench]}
 summary["green"] = (all(v == 0 for v in summary["exit_codes"].values()) and summary["resume"]["equal"]
                     and len(after) == 10)
 (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -119,7 +119,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 keys = ("lever", "model", "seq_len", "activation_checkpointing", "checkpoint_blocks", "compile", "float8", "zero_stage",
-        "zero3_gather", "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "planned_gib", "graphs",
+        "zero3_gather", "step_s", "phases_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "planned_gib", "graphs",
         "graph_breaks", "compiled_frames", "error")
 summary = [{k: r.get(k) for k in keys if k in r} for r in json.loads((out / "rows.json").read_text())]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -141,13 +141,15 @@ def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None
     from torch._dynamo.utils import counters
 
     from .models.flops import achieved, train_flops
+    from .step_breakdown import StepPhases
 
     cfg, args, device, batches = trainer.cfg, trainer.args, trainer.device, iter(loader)
     seq_len, rows, attention, ac = (cfg.data.seq_len, cfg.data.rows, cfg.model.attention,
                                     cfg.parallel.activation_checkpointing)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    dt = timed(lambda: trainer.train_step(batches), steps, warmup, device)
+    with StepPhases(trainer, device) as phases:
+        dt = timed(lambda: phases.step(lambda: trainer.train_step(batches)), steps, warmup, device)
     # What compile made of the blocks: few graphs, breaks only at the attention kernels, frames compiled once
     # (a frame compiled again and again is a recompile per step)
     compiled = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
@@ -166,7 +168,7 @@ def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None
            "zero3_gather": cfg.parallel.zero3_gather, "optimizer": cfg.optim.name,
            "dtype": str(trainer.dtype), **compiled,
            "step_s": dt, "tokens_per_s": b.real_tokens * cfg.optim.grad_accum / dt, **achieved(flops, dt, peak),
-           "device": device_name(device)}
+           "phases_s": phases.summary(steps), "device": device_name(device)}
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if cfg.parallel.zero_stage == 3 and trainer.dims.world_size == 1:  # what sora-bench plan predicts for this row
@@ -226,16 +228,25 @@ def bench_bare(args, seq_len: int, rows: int, attention: str, ac: str, steps: in
     return res
 
 
-def write_profile(step, device, path: str, rows: int = 25) -> None:
-    """One step under torch.profiler: the ops taking the most device (or CPU) time, to a text file."""
+def write_profile(step, device, path: str, rows: int = 40) -> None:
+    """One step under torch.profiler to a text file: its time by kind of kernel, then the ops taking the most device
+    (or CPU) time."""
     from torch.profiler import ProfilerActivity, profile
+
+    from .step_breakdown import kernel_kinds
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         step()
         sync(device)
+    kinds = kernel_kinds(prof, device)
+    total = sum(kinds.values())
+    clock = "device" if device.type == "cuda" else "CPU"
+    lines = [f"{clock} time by kind of kernel: {total:.3f} s"] + [f"  {k:<34} {s:8.3f} s  {s / total:6.1%}"
+                                                                 for k, s in kinds.items()]
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    table = "\n".join(lines) + "\n\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
+                                                                    max_name_column_width=70)
     Path(path).write_text(table)
     print(table, flush=True)
 

@@ -69,7 +69,9 @@ def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run
 
 def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
     rows = {}
-    for path, extra in (("trainer", ["--ac", "none", "full"]), ("bare", ["--bare"])):  # the training step users get / the model
+    profile = tmp_path / "profile.txt"
+    for path, extra in (("trainer", ["--ac", "none", "full", "--profile", str(profile)]),  # the step users get
+                        ("bare", ["--bare"])):  # the model alone
         out = tmp_path / f"{path}.json"
         r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "tiny", "--seq-len", "256",
                             "--attention", "varlen", "--steps", "1", "--warmup", "1", "--peak-tflops", "2", *extra,
@@ -82,6 +84,13 @@ def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
     assert 0 < trainer[1]["planned_gib"] < trainer[0]["planned_gib"]  # sora-bench plan's memory for each row
     for row in [*trainer, bare]:
         assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and row["mfu"] == pytest.approx(row["tflops"] / 2)
+    for row in trainer:  # the step's phases on its own clock: they add up to the step
+        assert set(row["phases_s"]) == {"forward", "backward", "optimizer", "ema", "other"}
+        assert min(row["phases_s"].values()) >= 0 and row["phases_s"]["backward"] > 0
+        assert sum(row["phases_s"].values()) == pytest.approx(row["step_s"], rel=0.05, abs=0.01)
+    head, _ = profile.read_text().split("\n\n", 1)  # time by kind of kernel, then the top ops
+    kinds = {k.strip(): float(v) for k, v, _, _ in (line.rsplit(None, 3) for line in head.splitlines()[1:])}
+    assert head.startswith("CPU time by kind of kernel") and kinds["gemm"] > 0 and kinds["attention"] > 0
     # One FLOP count (models/flops.py) for both: the same rows, the same work per step.
     assert trainer[0]["tflops"] * trainer[0]["step_s"] == pytest.approx(bare["tflops"] * bare["step_s"], rel=1e-9)
     out = tmp_path / "pack.json"
@@ -194,3 +203,69 @@ def test_bench_activations_counts_what_a_block_keeps():
     assert kept_per_block("tiny", 256, "none", False) > 20
     with pytest.raises(ValueError, match="--ac attention keeps its tensors where saved-tensor hooks cannot see"):
         kept_per_block("tiny", 256, "attention", False)
+
+
+def test_step_phases_time_each_phase_of_the_trainers_step_from_outside():
+    """StepPhases wraps the trainer's forward, backward, optimizer step and EMA update for the bench's run only:
+    each phase's time summed over micro-batches, the rest of the step as `other`, the methods restored after."""
+    import time
+    from types import SimpleNamespace
+
+    from sora_train.step_breakdown import StepPhases
+
+    class Engine:
+        def backward(self, loss):
+            time.sleep(0.04)
+
+    class Trainer:
+        def __init__(self):
+            self.engine, self.ema = Engine(), None  # no EMA: no such phase
+
+        def loss(self):
+            time.sleep(0.02)
+            return 1.0
+
+        def engine_step(self):
+            time.sleep(0.01)
+
+        def train_step(self):
+            for _ in range(2):  # two micro-batches
+                self.loss()
+                self.engine.backward(1.0)
+                self.engine_step()
+            time.sleep(0.03)  # outside every phase
+
+    trainer = Trainer()
+    with StepPhases(trainer, torch.device("cpu")) as phases:
+        for _ in range(3):
+            phases.step(trainer.train_step)
+    assert "loss" not in vars(trainer) and "backward" not in vars(trainer.engine)  # the class's methods again
+    summary = phases.summary(steps=2)
+    assert list(summary) == ["forward", "backward", "optimizer", "other"]
+    assert summary["forward"] >= 0.04 and summary["backward"] >= 0.08 and summary["optimizer"] >= 0.02
+    assert summary["other"] >= 0.03
+    assert SimpleNamespace(**summary).backward > summary["forward"] > summary["optimizer"]
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "gemm"),
+    ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128", "gemm"),
+    ("aten::addmm", "gemm"),
+    ("triton_poi_fused__to_copy_add_mul_native_layer_norm_0", "compiled (triton)"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "norm"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float>>>",
+     "reductions (loss, gradient norm)"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", "optimizer, EMA"),
+    ("ncclDevKernel_AllGather_RING_LL", "communication"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "copy, fill, cast"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<c10::BFloat16>>", "copy, fill, cast"),
+    ("void at::native::index_elementwise_kernel<128, 4, scatter_gather>", "other elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>",
+     "other elementwise"),
+])
+def test_a_profiles_kernels_are_sorted_by_kind(name, kind):
+    from sora_train.step_breakdown import kernel_kind
+
+    assert kernel_kind(name) == kind
