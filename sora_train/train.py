@@ -20,7 +20,7 @@ from .config import model_args, register, to_container
 from .data import DataQualityError, PackedLoader, StreamSpec
 from .data.mixture import sources_of
 from .data.stream import NoUsableSamples
-from .diffusion import build_objective, draw_given, packed_loss, per_token, step_generator
+from .diffusion import build_objective, draw_given, noise, packed_loss, per_token, step_generator
 from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
 from .engine.determinism import use_deterministic_kernels
 from .engine.ema import EMA
@@ -78,12 +78,13 @@ class Trainer:
         DP=2 and one process accumulating 2 micro-batches draw the same noise for the same data."""
         d, o, condition = self.dims, self.cfg.optim, self.condition
         gen = step_generator(self.cfg.seed, self.step, d.dp_rank * o.grad_accum + micro)
-        t = self.objective.sample_t(batch.grids.prod(-1), gen)  # [R,M]
-        noise = torch.randn(batch.tokens.shape, generator=gen)
-        x_t, target = self.objective.corrupt(batch.tokens, noise, per_token(t, batch.seg))
+        t = self.objective.sample_t(batch.grids.prod(-1), gen)  # [R,M] on the host
+        tokens = batch.tokens.to(self.device)  # the row's noise and mix on the device: no host work the GPU waits for
+        x_t, target = self.objective.corrupt(tokens, noise(tokens.shape, gen, self.device),
+                                             per_token(t, batch.seg).to(self.device))
         given = draw_given(condition, batch.pos, batch.seg, batch.grids, gen) if condition.enabled else None
         if given is not None:  # conditioning frames: clean, at t = 0 in the model, no loss
-            x_t = torch.where(given[..., None], batch.tokens, x_t)
+            x_t = torch.where(given.to(self.device)[..., None], tokens, x_t)
         loss, errors, loss_seg = self.loss(x_t, t, target, batch, given=given)
         finite = all_reduce_values(torch.isfinite(loss.detach()), self.device, "min")[0]  # every rank: one branch
         if finite:

@@ -200,6 +200,19 @@ def test_patchify_unpatchify_round_trip():
     assert torch.equal(unpatchify(tokens, (2, 2, 5), (2, 3, 2), 5), latent)
 
 
+def test_training_noise_is_a_pure_function_of_the_key_drawn_apart_from_the_timesteps():
+    """The trainer draws a row's noise on its device from a generator seeded by the key's generator: the same key,
+    the same noise; another key, other noise; and not the host generator's own normals (from which t was drawn)."""
+    from sora_train.diffusion import noise, step_generator
+
+    a, b = (noise((4, 4096, 8), step_generator(0, 5, k), torch.device("cpu")) for k in (1, 1))
+    assert torch.equal(a, b) and a.shape == (4, 4096, 8) and a.dtype == torch.float32
+    assert not torch.equal(a, noise((4, 4096, 8), step_generator(0, 5, 2), torch.device("cpu")))
+    assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1) < 0.02
+    host = torch.randn((4, 4096, 8), generator=step_generator(0, 5, 1))
+    assert abs(float(torch.corrcoef(torch.stack([a.flatten(), host.flatten()]))[0, 1])) < 0.01
+
+
 def gaussian_posterior(x, t, mu, s, a, b):
     """x_t = a x0 + b eps with x0 ~ N(mu, s^2): E[x0 | x_t], E[eps | x_t]."""
     var = a * a * s * s + b * b

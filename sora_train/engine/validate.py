@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..data import PackedLoader, StreamSpec
-from ..diffusion import packed_loss, per_token, step_generator
+from ..diffusion import noise, packed_loss, per_token, step_generator
 from ..parallel.collectives import all_reduce_values
 
 VALIDATION_KEY = 10**9  # the noise key's "step": apart from every training step's
@@ -34,18 +34,18 @@ class Validator:
         for i, batch in zip(range(self.cfg.logging.val_batches), loader):
             gen = step_generator(self.cfg.seed, VALIDATION_KEY, i, self.dims.dp_rank)
             t = self.objective.sample_t(batch.grids.prod(-1), gen)
-            noise = torch.randn(batch.tokens.shape, generator=gen).to(self.device)
             batch = batch.to(self.device)
+            eps = noise(batch.tokens.shape, gen, self.device)
             for j, tj in enumerate([t] + [torch.full_like(t, v) for v in self.fixed_t]):
-                totals[j] += self.loss(batch, noise, tj)
+                totals[j] += self.loss(batch, eps, tj)
             n += 1
         *sums, rows = all_reduce_values([*totals, n], self.device)  # SP members count the same rows: ratios hold
         means = [s / max(rows, 1.0) for s in sums]
         return {"val/loss": means[0], **{f"val/loss_t{v:g}": m for v, m in zip(self.fixed_t, means[1:])}}
 
-    def loss(self, batch, noise, t) -> float:
-        """batch and noise on the device, t [R,M] on the CPU."""
+    def loss(self, batch, eps, t) -> float:
+        """batch and noise (eps) on the device, t [R,M] on the CPU."""
         t_tok = per_token(t.to(self.device), batch.seg)
-        x_t, target = self.objective.corrupt(batch.tokens, noise, t_tok)
+        x_t, target = self.objective.corrupt(batch.tokens, eps, t_tok)
         pred = self.forward(x_t, t.to(self.device), batch.pos, batch.seg, batch.text, batch.text_seg, batch.extent)
         return packed_loss(self.objective, pred, x_t, t_tok, target, batch.seg, batch.real_tokens)[0].item()
