@@ -98,7 +98,7 @@ class StepPhases:
 KINDS = (
     ("attention", r"sdpa|fmha|flash|attention"),
     ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|\baten::(mm|addmm|bmm|_scaled_mm)$"),
-    ("compiled (triton)", r"triton"),
+    ("compiled (fused)", r"triton|CompiledFxGraph"),  # the GPU's Triton kernels; on a CPU, the graph's C++ call
     ("reductions (loss, gradient norm)", r"reduce_kernel|\baten::(sum|mean|linalg_vector_norm)$"),
     ("norm", r"norm"),
     ("optimizer, EMA", r"multi_tensor|adam|foreach|lerp"),
