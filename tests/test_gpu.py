@@ -18,7 +18,7 @@ CUDA = torch.device("cuda")
 @pytest.mark.parametrize("backend", ["sdpa", "flex", "varlen", "varlen:torch_varlen", "varlen:sdpa"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_attention_backend_in_bf16_matches_the_float32_reference_forward_and_backward(backend, head_dim):
-    from sora_train.bench import attention_numerics
+    from sora_train.bench.attention import attention_numerics
 
     (r,) = attention_numerics(4096, 1024 // head_dim, head_dim, 128, [backend], steps=1, device=CUDA)
     assert "error" not in r, r

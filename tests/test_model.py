@@ -15,7 +15,7 @@ from sora_train.models import DiT, DiTArgs
 from sora_train.models.attention import FlexAttention, VarlenAttention, build_attention
 from sora_train.models.dit import to_tokens
 from sora_train.models.flops import forward_flops
-from sora_train.bench import kept_for_backward
+from sora_train.bench.memory import kept_for_backward
 from sora_train.models.layers import FractionalPositions
 
 ARGS = DiTArgs(in_channels=8, patch_size=(1, 2, 2), dim=48, depth=2, heads=4, text_dim=16, max_segments=8,
@@ -354,7 +354,7 @@ def test_probe_recomputes_the_cross_attention_the_model_applies():
 
 def packed_layouts(args, S=256):
     """7 packed rows of changing segment layout: the model's inputs (x, t, pos, seg, text, text_seg, extent)."""
-    from sora_train.bench import synthetic_packed_batch
+    from sora_train.bench.common import synthetic_packed_batch
 
     for i, span in enumerate([(16, 85), (8, 32), (32, 128), (4, 16), (85, 256), (12, 64), (50, 128)]):
         seg, tseg, pos = synthetic_packed_batch(args, S, 1, span, 10, seed=i)
@@ -659,7 +659,7 @@ def test_compiled_blocks_hold_no_complex_tensors_so_rope_fuses():
     """Inductor generates no code for complex numbers: RoPE's complex multiply ran as an eager kernel between two
     fp32 buffers inside every compiled block. Compiled, RoPE takes its real form (one fused pass with the QK norm
     and the cast); the test above shows both forms compute the same function."""
-    from sora_train.bench import synthetic_packed_batch
+    from sora_train.bench.common import synthetic_packed_batch
 
     args = dataclasses.replace(ARGS, attention="varlen", max_segments=32)
     model, S = trained_model(args), 128

@@ -134,7 +134,7 @@ def test_a_configuration_that_fails_mid_step_is_reported_and_cleaned_up_before_t
 
 
 def test_sora_bench_attention_compares_each_backend_with_the_float32_reference():
-    from sora_train.bench import attention_numerics
+    from sora_train.bench.attention import attention_numerics
 
     rows = attention_numerics(512, heads=2, head_dim=16, text_len=32, backends=["sdpa", "varlen", "varlen:sdpa"],
                               steps=1, device=torch.device("cpu"))
@@ -146,7 +146,7 @@ def test_sora_bench_attention_compares_each_backend_with_the_float32_reference()
 
 
 def test_sora_bench_packing_lengths_compares_the_token_and_cost_packers_on_the_same_streams():
-    from sora_train.bench import bench_balance
+    from sora_train.bench.packing import bench_balance
 
     tokens, cost = bench_balance("0.7:1024-4096,0.3:8192-32768", 65536, dp=4, grad_accum=1, samples=300,
                                  lookahead=32, model="1B")
@@ -158,7 +158,7 @@ def test_sora_bench_packing_lengths_compares_the_token_and_cost_packers_on_the_s
 
 
 def test_plan_enumerates_layouts_prices_their_traffic_and_matches_the_measured_memory():
-    from sora_train.bench import load_preset
+    from sora_train.bench.common import load_preset
     from sora_train.models.dit import count_params
     from sora_train.plan import ACT_TENSORS_RECOMPUTE, Cluster, layouts, plan
 
@@ -197,7 +197,7 @@ def test_plan_enumerates_layouts_prices_their_traffic_and_matches_the_measured_m
 def test_bench_activations_counts_what_a_block_keeps():
     """sora-bench activations: full checkpointing keeps each block's input, one [tokens, dim] tensor exactly;
     without it a block keeps dozens; eager op policies are refused (their storage is invisible to the hooks)."""
-    from sora_train.bench import kept_per_block
+    from sora_train.bench.memory import kept_per_block
 
     assert kept_per_block("tiny", 256, "full", False) == pytest.approx(1.0)
     assert kept_per_block("tiny", 256, "none", False) > 20
@@ -211,7 +211,7 @@ def test_step_phases_time_each_phase_of_the_trainers_step_from_outside():
     import time
     from types import SimpleNamespace
 
-    from sora_train.step_breakdown import StepPhases
+    from sora_train.bench.breakdown import StepPhases
 
     class Engine:
         def backward(self, loss):
@@ -267,6 +267,6 @@ def test_step_phases_time_each_phase_of_the_trainers_step_from_outside():
      "other elementwise"),
 ])
 def test_a_profiles_kernels_are_sorted_by_kind(name, kind):
-    from sora_train.step_breakdown import kernel_kind
+    from sora_train.bench.breakdown import kernel_kind
 
     assert kernel_kind(name) == kind

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -388,6 +389,10 @@ def test_a_wheel_install_carries_the_config_groups(tmp_path):
                         str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("sora_train-*.whl")
+    packages = {str(p.parent.relative_to(ROOT)) for top in ("sora_train", "data_tools")
+                for p in ROOT.glob(f"{top}/**/__init__.py")}
+    in_wheel = {str(Path(n).parent) for n in zipfile.ZipFile(wheel).namelist() if n.endswith("/__init__.py")}
+    assert packages <= in_wheel, f"packages the wheel leaves out (pyproject.toml): {sorted(packages - in_wheel)}"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
                         str(wheel)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
