@@ -388,6 +388,8 @@ def test_a_wheel_install_carries_the_config_groups(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                         str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    # every directory of the tree is a listed package: setuptools' warnings would greet each fresh set-up
+    assert "absent from the `packages` configuration" not in r.stdout + r.stderr, r.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("sora_train-*.whl")
     packages = {str(p.parent.relative_to(ROOT)) for top in ("sora_train", "data_tools")
                 for p in ROOT.glob(f"{top}/**/__init__.py")}
