@@ -54,7 +54,7 @@ class Trainer:
         self.device, self.state = device, ckpt.train_state  # step, skipped steps, W&B id: checkpointed
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         self.args = model_args(cfg.model)
-        self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size)
+        self.meter = Throughput(device_peak_tflops(cfg.logging.peak_tflops), dims.world_size, device)
         self.nonfinite = NonFiniteSteps(cfg.optim.max_bad_steps, ckpt, logger)
         self.stop = StopRequested()
         self.condition = OmegaConf.to_object(cfg.diffusion.condition)  # the typed node: draws given frames
@@ -116,15 +116,15 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------------
     def train_step(self, batches) -> dict:
         losses, all_finite = [], True
+        clock = self.meter.clock
         for micro in range(self.cfg.optim.grad_accum):
-            t0 = time.perf_counter()
+            t0 = clock.now()
             batch = next(batches)
-            t1 = time.perf_counter()
+            t1 = clock.now()
             loss, finite = self.forward_backward(batch, micro)
-            t2 = time.perf_counter()
+            t2 = clock.now()
             grad_norm = self.engine_step(micro)
-            self.meter.data_s, self.meter.compute_s = self.meter.data_s + t1 - t0, self.meter.compute_s + t2 - t1
-            self.meter.optim_s += time.perf_counter() - t2
+            self.meter.phases.append((t0, t1, t2, clock.now()))
             all_finite &= finite
             losses.append(loss.float())
             self.sample_ids.record(self.step + 1, batch)

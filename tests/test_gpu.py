@@ -214,3 +214,23 @@ def test_compiled_blocks_with_checkpointing_inside_compute_the_eager_function_on
         err, cosine = against_eager_bf16(attention, activation_checkpointing="elementwise", compile_blocks=True,
                                          checkpoint_blocks=1)
         assert err < 3e-2 and cosine > 0.999, (attention, err, cosine)
+
+
+def test_the_device_clock_times_the_kernels_not_their_launch():
+    """The trainer's time/* metrics and the bench's phases read CUDA events: a phase's seconds are its kernels'
+    (the host returns from launching them long before they end: a host clock would count them in the next phase)."""
+    import time
+
+    from sora_train.engine.metrics import DeviceClock
+
+    clock, a = DeviceClock(CUDA), torch.randn(8192, 8192, device=CUDA, dtype=torch.bfloat16)
+    a @ a
+    torch.cuda.synchronize()
+    host0, t0 = time.perf_counter(), clock.now()
+    for _ in range(20):  # ~22 TFLOP: ~30 ms at ~750 TFLOP/s
+        a @ a
+    t1, launched = clock.now(), time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    assert clock.seconds(t0, t1) == pytest.approx(done - host0, rel=0.25)
+    assert launched - host0 < 0.5 * clock.seconds(t0, t1)

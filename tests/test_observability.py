@@ -61,6 +61,8 @@ def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run
     assert {"loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/tflops", "time/data_wait_s", "data/skipped",
             "val/loss", "val/loss_t0.1", "val/loss_t0.9"} <= keys
     assert steps == [1, 2, 3, 4, 5, 6]
+    timed = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert all(r["time/fwd_bwd_s"] > r["time/optimizer_s"] > 0 and r["time/data_wait_s"] >= 0 for r in timed)
     val_steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
                  if "val/loss" in r]
     assert val_steps == [3, 4, 6]  # every 3 steps, and each run's last step once (not again at step 6)

@@ -1,11 +1,12 @@
 """Where a training step's time goes: its phases on the device's own clock, and its kernels by kind.
 
 `StepPhases` times forward (with the loss), backward, the optimizer step and the EMA update of `Trainer.train_step`
-from outside the trainer: for the bench's run only, each of those methods is wrapped on the instance to record a
-CUDA event before and after it on the current stream (a clock reading on CPU). The events cost no synchronisation,
-so the phases add up to the step the bench times; what the step spends outside them (the batch, noise, the
-agreement collectives, launch gaps) is `other`. Events rather than the profiler: the autograd engine runs backward
-on threads of its own, whose kernels a profiler range opened on the main thread does not own.
+from outside the trainer (which itself logs data wait, forward with backward, and the optimizer step): for the
+bench's run only, each of those methods is wrapped on the instance to read the device's clock (`DeviceClock`: CUDA
+events) before and after it. The events cost no synchronisation, so the phases add up to the step the bench
+times; what the step spends outside them (the batch, noise, the agreement collectives, launch gaps) is `other`.
+Events rather than the profiler: the autograd engine runs backward on threads of its own, whose kernels a profiler
+range opened on the main thread does not own.
 
 `kernel_kinds` sums a profiled step's device time (CPU time on a CPU) by kind of kernel, from their names: the
 profile's top-op table lists kernels one by one, this says how much went to attention, GEMMs, fused (compiled)
@@ -16,31 +17,15 @@ from __future__ import annotations
 
 import re
 import statistics
-import time
 from collections import defaultdict
 
 import torch
 
+from ..engine.metrics import DeviceClock
+
 # (phase, object attribute of the trainer or None for the trainer itself, method)
 PHASES = (("forward", None, "loss"), ("backward", "engine", "backward"), ("optimizer", None, "engine_step"),
           ("ema", "ema", "update"))
-
-
-class _Clock:
-    """A point in time on the device's stream (CUDA event) or the host's clock, and seconds between two."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-
-    def seconds(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
 
 class StepPhases:
@@ -49,7 +34,7 @@ class StepPhases:
     exit), with `step()` wrapping each train_step call."""
 
     def __init__(self, trainer, device: torch.device):
-        self.trainer, self.clock = trainer, _Clock(device)
+        self.trainer, self.clock = trainer, DeviceClock(device)
         self.current: list[tuple[str, object, object]] = []
         self.steps: list[tuple[object, object, list]] = []
 

@@ -10,16 +10,40 @@ import torch
 
 from ..models.flops import achieved
 
-class Throughput:
-    """Per log window: tokens/s, samples/s, achieved TFLOP/s and MFU per device."""
+class DeviceClock:
+    """Points in time on the training device's stream (CUDA events; the host's clock on a CPU) and seconds between
+    two. Phases timed on the host would be the host's: a GPU runs kernels after their launch, so backward's tail
+    would be counted in whatever waits for it next (the optimizer step's gradient norm). An event costs no
+    synchronisation; reading one waits for it."""
 
-    def __init__(self, peak_tflops: float | None, world_size: int):
-        self.peak, self.world = peak_tflops, world_size
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def seconds(self, a, b) -> float:
+        if not self.cuda:
+            return b - a
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+
+
+class Throughput:
+    """Per log window: tokens/s, samples/s, achieved TFLOP/s and MFU per device, and where the steps' time went:
+    waiting for data, forward and backward, the optimizer step, on the device's clock."""
+
+    def __init__(self, peak_tflops: float | None, world_size: int, device: torch.device = torch.device("cpu")):
+        self.peak, self.world, self.clock = peak_tflops, world_size, DeviceClock(device)
         self.reset()
 
     def reset(self):
         self.t0, self.tokens, self.samples, self.flops = time.perf_counter(), 0, 0, 0.0
-        self.data_s, self.compute_s, self.optim_s = 0.0, 0.0, 0.0
+        self.phases: list[tuple] = []  # per micro-batch: clock points before the batch, forward, optimizer, after
 
     def add(self, tokens: int, samples: int, flops: float):
         self.tokens, self.samples, self.flops = self.tokens + tokens, self.samples + samples, self.flops + flops
@@ -27,11 +51,11 @@ class Throughput:
     def summary(self) -> dict:
         """Per-rank figures; tokens/s is for this rank's share (multiply by dp for the job)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
+        data, fwd_bwd, optim = (sum(self.clock.seconds(p[i], p[i + 1]) for p in self.phases) for i in range(3))
         out = {"perf/tokens_per_s": self.tokens / dt, "perf/samples_per_s": self.samples / dt,
                **{f"perf/{k}": v for k, v in achieved(self.flops, dt, self.peak).items()},
-               "time/data_wait_s": self.data_s,
-               "time/fwd_bwd_s": self.compute_s, "time/optimizer_s": self.optim_s,
-               "time/data_wait_pct": 100 * self.data_s / dt}
+               "time/data_wait_s": data, "time/fwd_bwd_s": fwd_bwd, "time/optimizer_s": optim,
+               "time/data_wait_pct": 100 * data / dt}
         if torch.cuda.is_available():
             out["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return out
