@@ -124,7 +124,7 @@ class Trainer:
             loss, finite = self.forward_backward(batch, micro)
             t2 = clock.now()
             grad_norm = self.engine_step(micro)
-            self.meter.phases.append((t0, t1, t2, clock.now()))
+            self.meter.add_phases(t0, t1, t2, clock.now())
             all_finite &= finite
             losses.append(loss.float())
             self.sample_ids.record(self.step + 1, batch)

@@ -272,3 +272,17 @@ def test_a_profiles_kernels_are_sorted_by_kind(name, kind):
     from sora_train.bench.breakdown import kernel_kind
 
     assert kernel_kind(name) == kind
+
+
+def test_the_meter_sums_each_micro_batchs_phases_and_keeps_one_micro_batchs_clock_points():
+    """A log window of any length (logging.every=0: the whole run) holds one micro-batch's CUDA events, not all."""
+    from sora_train.engine.metrics import Throughput
+
+    meter = Throughput(None, 1)
+    for k in range(5):  # host-clock points (CPU): before the batch, forward, optimizer step, after
+        meter.add_phases(10.0 * k, 10.0 * k + 1, 10.0 * k + 4, 10.0 * k + 6)
+        assert len(meter.pending) == 1
+    out = meter.summary()
+    assert (out["time/data_wait_s"], out["time/fwd_bwd_s"], out["time/optimizer_s"]) == (5.0, 15.0, 10.0)
+    meter.reset()
+    assert meter.summary()["time/fwd_bwd_s"] == 0.0

@@ -43,15 +43,29 @@ class Throughput:
 
     def reset(self):
         self.t0, self.tokens, self.samples, self.flops = time.perf_counter(), 0, 0, 0.0
-        self.phases: list[tuple] = []  # per micro-batch: clock points before the batch, forward, optimizer, after
+        self.spent, self.pending = [0.0, 0.0, 0.0], []  # seconds waiting for data, forward + backward, optimizer
 
     def add(self, tokens: int, samples: int, flops: float):
         self.tokens, self.samples, self.flops = self.tokens + tokens, self.samples + samples, self.flops + flops
 
+    def add_phases(self, *points) -> None:
+        """One micro-batch's clock points: before its batch, its forward, its optimizer step, after. Earlier
+        micro-batches' have run by now (the agreement on a finite loss waited for this one's forward): they are
+        summed at once, so a window of any length holds one micro-batch's events."""
+        self._fold()
+        self.pending = [points]
+
+    def _fold(self) -> None:
+        for p in self.pending:
+            for i in range(3):
+                self.spent[i] += self.clock.seconds(p[i], p[i + 1])
+        self.pending = []
+
     def summary(self) -> dict:
         """Per-rank figures; tokens/s is for this rank's share (multiply by dp for the job)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        data, fwd_bwd, optim = (sum(self.clock.seconds(p[i], p[i + 1]) for p in self.phases) for i in range(3))
+        self._fold()
+        data, fwd_bwd, optim = self.spent
         out = {"perf/tokens_per_s": self.tokens / dt, "perf/samples_per_s": self.samples / dt,
                **{f"perf/{k}": v for k, v in achieved(self.flops, dt, self.peak).items()},
                "time/data_wait_s": data, "time/fwd_bwd_s": fwd_bwd, "time/optimizer_s": optim,
