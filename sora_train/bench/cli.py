@@ -104,9 +104,18 @@ def main(argv=None) -> None:
     with pinned_sdpa(getattr(a, "sdpa_backend", None)):
         results = run(a)
     for r in results:
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+        print("  ".join(f"{k}={shown(v)}" for k, v in r.items()))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+def shown(v) -> str:
+    """A value for the console table: floats to 4 significant digits, also inside a dict (a row's phases)."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {shown(x)}" for k, x in v.items()) + "}"
+    return str(v)
 
 
 def pinned_sdpa(backend: str | None):
