@@ -160,9 +160,11 @@ def init_distributed(sp: int, timeout_s: float = 600.0, ring: int = 1) -> Parall
         torch.cuda.set_device(e.local_rank)
     if not dist.is_initialized():
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer fails the job, no hang
-        if e.world_size == 1 and not torch.cuda.is_available():
-            # On CPU DeepSpeed JIT-builds a shared-memory all-reduce (C++) for the ranks of a node: 45 s on 2
-            # cores the first time on a machine (measured). One process has nothing to reduce: skip it.
+        if not torch.cuda.is_available():
+            # On CPU DeepSpeed JIT-builds a shared-memory all-reduce (C++) for the ranks of a node (45 s on 2 cores
+            # the first time on a machine, measured) and maps every rank's segment at start-up. It serves only
+            # DeepSpeed-inference's inference_all_reduce (deepspeed/comm/torch.py); training's collectives go
+            # through torch.distributed (gloo). Skipped: one C++ start-up step fewer for every CPU run.
             # DeepSpeed keeps this table per process, edits included (deepspeed/ops/__init__.py).
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
