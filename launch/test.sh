@@ -6,5 +6,4 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh diffusers,test
 . .venv/bin/activate
 export DS_ACCELERATOR=cpu WANDB_MODE=offline HF_HUB_OFFLINE=1
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
 python -m pytest -q -p no:cacheprovider tests "$@"
