@@ -10,6 +10,7 @@ import torch
 
 from ..models.flops import achieved
 
+
 class DeviceClock:
     """Points in time on the training device's stream (CUDA events; the host's clock on a CPU) and seconds between
     two. Phases timed on the host would be the host's: a GPU runs kernels after their launch, so backward's tail
