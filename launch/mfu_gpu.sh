@@ -23,7 +23,8 @@
 # MFU_LEVERS (default all, in the order above: compiled float8 compiled_none partial compiled_attention eager
 # compiled_full zero1 profile parity scale_xl scale_b) names the calls to make, e.g. to finish in a second call
 # what a first one's budget skipped.
-# OUT gets device.txt mfu.log rows.json (every measured row, with its lever) summary.json profile_1b.txt parity.json.
+# OUT gets device.txt mfu.log rows.json (every measured row, with its lever) summary.json profile_1b.txt (and its
+# timeline, profile_1b.txt.trace.json.gz) parity.json.
 set -u
 start=$(date +%s)
 budget=${MFU_BUDGET_S:-600}

@@ -1,5 +1,6 @@
 """W&B offline run contents and run-id continuity; sora-bench output."""
 
+import gzip
 import json
 import struct
 import subprocess
@@ -93,6 +94,8 @@ def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
     head, _ = profile.read_text().split("\n\n", 1)  # time by kind of kernel, then the top ops
     kinds = {k.strip(): float(v) for k, v, _, _ in (line.rsplit(None, 3) for line in head.splitlines()[1:])}
     assert head.startswith("CPU time by kind of kernel") and kinds["gemm"] > 0 and kinds["attention"] > 0
+    trace = json.loads(gzip.open(f"{profile}.trace.json.gz").read())  # the step's timeline beside the table
+    assert any("aten::mm" in e.get("name", "") for e in trace["traceEvents"])
     # One FLOP count (models/flops.py) for both: the same rows, the same work per step.
     assert trainer[0]["tflops"] * trainer[0]["step_s"] == pytest.approx(bare["tflops"] * bare["step_s"], rel=1e-9)
     out = tmp_path / "pack.json"

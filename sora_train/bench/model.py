@@ -3,6 +3,8 @@ and the bare model loop (the model alone with plain AdamW: kernel work)."""
 
 from __future__ import annotations
 
+import gzip
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,7 +17,6 @@ def bench_trainer(name: str, overrides: list[str], seq_len: int, rows: int, atte
                   warmup: int, peak: float | None, profile: str | None = None) -> dict:
     """The training step users get: `train.build()` (the DeepSpeed engine with the config's ZeRO stage,
     precision and optimizer, EMA on) fed by SyntheticPackedLoader, timed through `Trainer.train_step`."""
-    import shutil
     import tempfile
 
     from torch._dynamo.utils import counters
@@ -130,7 +131,8 @@ def bench_bare(args, seq_len: int, rows: int, attention: str, ac: str, steps: in
 
 def write_profile(step, device, path: str, rows: int = 40) -> None:
     """One step under torch.profiler to a text file: its time by kind of kernel, then the ops taking the most device
-    (or CPU) time."""
+    (or CPU) time; and its timeline beside it, `path`.trace.json.gz (chrome://tracing, Perfetto): the gaps between
+    kernels, which no table shows, are what a GPU session has no time left to look for."""
     from torch.profiler import ProfilerActivity, profile
 
     from .breakdown import kernel_kinds
@@ -148,4 +150,9 @@ def write_profile(step, device, path: str, rows: int = 40) -> None:
     table = "\n".join(lines) + "\n\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
                                                                     max_name_column_width=70)
     Path(path).write_text(table)
+    trace = Path(f"{path}.trace.json")
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as out:
+        shutil.copyfileobj(f, out)
+    trace.unlink()
     print(table, flush=True)
