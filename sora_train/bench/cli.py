@@ -1,6 +1,8 @@
 """sora-bench: how fast a preset goes on this device, and how well the loader packs.
 
   sora-bench model --model 1B --seq-len 65536 --ac full      (the training step users get: Trainer.train_step)
+  sora-bench model --model 1B --seq-len 65536 --ac attention --profile P   (P: time by kind of kernel, top ops;
+                                                                            P.trace.json.gz: the step's timeline)
   sora-bench model --model XL --seq-len 16384 65536 --attention sdpa flex varlen --ac none full --bare
   sora-bench packing --data data/bench/shards --seq-len 8192
   sora-bench packing --lengths 0.7:1024-4096,0.3:8192-32768 --seq-len 65536 --dp 8 --model 1B   (cost balance)
