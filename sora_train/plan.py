@@ -37,15 +37,22 @@ ACT_TENSORS_RECOMPUTE = 30  # the block being recomputed under activation checkp
 # the attention outputs (2): 13, an estimate from the shapes.
 KEPT_PER_BLOCK = {"none": ACT_TENSORS_PER_BLOCK, "selective": ACT_TENSORS_PER_BLOCK - 8, "elementwise": 13,
                   "attention": 3, "full": 1}
-RECOMPUTED = {"none": 0, "selective": 8, "elementwise": ACT_TENSORS_RECOMPUTE, "attention": ACT_TENSORS_RECOMPUTE,
-              "full": ACT_TENSORS_RECOMPUTE}
+
+
+def recomputed_per_policy(kept: dict[str, int], block: int) -> dict[str, int]:
+    """[tokens, dim] tensors alive while a block is recomputed: `block` for the whole-block policies, the MLP's
+    (what selective keeps fewer of than none) for selective."""
+    return {"none": 0, "selective": kept["none"] - kept["selective"],
+            **dict.fromkeys(("elementwise", "attention", "full"), block)}
+
+
+RECOMPUTED = recomputed_per_policy(KEPT_PER_BLOCK, ACT_TENSORS_RECOMPUTE)
 # Compiled blocks (parallel.compile: one graph per block, the compiler choosing what to keep within each policy),
 # measured: `sora-bench activations --model 1B --ac none selective elementwise attention full --compile` (CPU,
 # Inductor, 2048 tokens: 25.1, 16.1, 14.7, 3.0, 1; docs/performance.md). The block being recomputed is taken to
 # hold what a block without checkpointing keeps (an upper bound: not measured).
 COMPILED_KEPT_PER_BLOCK = {"none": 25, "selective": 16, "elementwise": 15, "attention": 3, "full": 1}
-COMPILED_RECOMPUTED = {"none": 0, "selective": 9, **dict.fromkeys(("elementwise", "attention", "full"),
-                                                                   COMPILED_KEPT_PER_BLOCK["none"])}
+COMPILED_RECOMPUTED = recomputed_per_policy(COMPILED_KEPT_PER_BLOCK, COMPILED_KEPT_PER_BLOCK["none"])
 
 
 def activation_tensors(depth: int, policy: str = "full", checkpoint_blocks: int = -1, compiled: bool = False) -> int:
