@@ -448,6 +448,51 @@ def test_logged_lr_is_adamws_and_muons_is_logged_beside_it():
     assert learning_rates([{"lr": 3e-4}]) == {"lr": 3e-4}
 
 
+def test_compiled_muon_runs_each_matrix_shape_on_one_graph_whatever_ran_before(monkeypatch):
+    """Exact resume with compiled Muon: the graph that runs a matrix's update must not depend on what the process
+    ran before. Under Dynamo's default (automatic dynamic shapes) the first shape got a static graph and later ones
+    a symbolic one whose guards accept the first shape too, so a straight run's third step and a resumed run's first
+    ran different kernels for it (on CPUs where those round differently, the resumed parameters drifted). Each shape
+    must be accepted by exactly one compiled graph, and the update must equal a fresh process's bit for bit."""
+    import inspect
+    import types
+
+    import torch
+    from deepspeed.runtime.zero.muon.original_muon import SingleDeviceMuonWithAuxAdam, muon_update
+    from sora_train.engine.optim import optimizer_step
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    torch._dynamo.config.disable = False
+    shapes = [(576, 192), (192, 192), (768, 192), (192, 768), (384, 192)]  # the tiny model's, in its order
+
+    def two_steps():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s) / 10) for s in shapes]
+        bias = torch.nn.Parameter(torch.zeros(4))
+        opt = SingleDeviceMuonWithAuxAdam([{"params": params, "use_muon": True, "lr": 0.02},
+                                           {"params": [bias], "use_muon": False, "lr": 1e-3}])
+        engine = types.SimpleNamespace(optimizer=opt, step=opt.step, module=torch.nn.ParameterList([*params, bias]))
+        for _ in range(2):
+            for p in [*params, bias]:
+                p.grad = torch.randn_like(p)
+            optimizer_step(engine, last_micro=True, plain_norm=True)
+        return [p.detach().clone() for p in params]
+
+    torch._dynamo.reset()
+    after_history = two_steps()  # the second step's graphs were chosen after the first step's compiles
+    signature = inspect.signature(muon_update._torchdynamo_orig_callable)
+    graphs = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(muon_update._torchdynamo_orig_callable.__code__)
+    for shape in shapes:
+        call = signature.bind(torch.randn(shape), torch.zeros(shape))
+        call.apply_defaults()
+        with torch.no_grad():  # as the optimizer's step calls it: grad mode is guarded
+            accepted = [g.guard_manager.check(dict(call.arguments)) for g in graphs]
+        assert sum(accepted) == 1, (shape, accepted)
+    torch._dynamo.reset()  # as a new process
+    assert all(torch.equal(a, b) for a, b in zip(after_history, two_steps()))
+    torch._dynamo.reset()
+
+
 def test_help_of_each_entry_names_its_own_options_with_defaults():
     def helptext(module):
         r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env(), capture_output=True,

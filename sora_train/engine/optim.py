@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -53,6 +54,27 @@ def learning_rates(groups: list[dict]) -> dict[str, float]:
     return {"lr": (adam or muon)[0], **({"lr_muon": muon[0]} if muon and adam else {})}
 
 
+def static_compile_per_shape(groups: list[dict]):
+    """A context in which torch.compile gives every matrix shape its own static graph, for DeepSpeed's Muon step.
+
+    DeepSpeed compiles Muon's update (`muon_update`, the Newton-Schulz iteration) and calls it once per matrix, in
+    parameter order. By default Dynamo compiles the first shape statically and, on the second, recompiles with
+    symbolic sizes (automatic dynamic shapes); later lookups try the newest graphs first, so which kernel a shape
+    runs depends on what the process has run before. A straight run's step 3 ran a dynamic graph for the first
+    shape where a run resumed at step 2 ran that shape's static one; where the two kernels round differently (they
+    did on a 2-core CI machine, not on every CPU) the resumed parameters drifted (5.7e-4 after two steps). One
+    static graph per shape is the same graph in every process whatever ran before, so resume is exact; it costs
+    one compile per distinct shape (6-10 in our presets), once per process."""
+    if not any(g.get("use_muon") for g in groups):
+        return contextlib.nullcontext()
+    # ZeRO-3 partitions a parameter: its ds_shape is the whole matrix, the shape the update sees.
+    shapes = {tuple(getattr(p, "ds_shape", p.shape)) for g in groups if g.get("use_muon") for p in g["params"]}
+    # Each shape compiles the update and each of its graph-break continuations once: room for all of them, or
+    # the shapes past the limit would run eagerly.
+    limit = max(torch._dynamo.config.recompile_limit, 2 * len(shapes) + 2)
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=limit)
+
+
 def optimizer_step(engine, last_micro: bool, plain_norm: bool) -> float | None:
     """engine.step() after every micro-batch (DeepSpeed counts them and steps the optimizer only at the accumulation
     boundary); there, returns the global gradient norm before clipping. plain_norm: stage 0 in fp32 (DeepSpeed's
@@ -62,5 +84,6 @@ def optimizer_step(engine, last_micro: bool, plain_norm: bool) -> float | None:
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None] if plain_norm else []
     norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    engine.step()
+    with static_compile_per_shape(engine.optimizer.param_groups):
+        engine.step()
     return norm if plain_norm else engine.get_global_grad_norm()
