@@ -1,6 +1,6 @@
 """Encode captioned videos into webdataset shards of latents + text states, with a manifest.
 
-Policy (documented in README "Data"):
+Policy (documented in docs/guide.md, "Data"):
   0. clips: a captions line gives one clip, the whole video from its start, or its own `start`/`end` seconds;
      --scenes cuts it at shot changes and --clip-seconds into windows, each clip a sample (source and time range
      in its json).

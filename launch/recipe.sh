@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A three-stage pretraining curriculum on the synthetic world, on CPU (README "Pretraining recipes"):
+# A three-stage pretraining curriculum on the synthetic world, on CPU (docs/guide.md, "Pretraining recipes"):
 #   stage 1: still images;  stage 2: low-resolution video (+ images);  stage 3: larger, longer clips (+ both),
 # each stage from the last one's weights (init_from), each scored by sora-eval. Rerunning continues where it
 # stopped. Extra arguments are Hydra overrides for every stage, e.g.  optim.steps=100

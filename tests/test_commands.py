@@ -1,4 +1,4 @@
-"""Every training command line the README, launch/ and slurm/ give runs what it says: it composes, passes
+"""Every training command line the README, docs/guide.md, launch/ and slurm/ give runs what it says: it composes, passes
 preflight at its world size, and gets the parallelism, model and schedule it names (not the quickstart's)."""
 
 import json
@@ -17,7 +17,7 @@ def training_commands() -> list[Command]:
     """sora-train / launch/torchrun.sh N / sbatch [--nodes=K] slurm/train.sbatch lines, with their world size."""
     per_node = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", (ROOT / "slurm" / "train.sbatch").read_text())[1])
     found = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "launch").glob("*.sh")), *sorted((ROOT / "slurm").glob("*.sbatch"))]:
+    for path in [ROOT / "README.md", ROOT / "docs" / "guide.md", *sorted((ROOT / "launch").glob("*.sh")), *sorted((ROOT / "slurm").glob("*.sbatch"))]:
         for line in path.read_text().splitlines():
             line = line.split(" # ")[0].split("`")[0]
             if m := re.search(r"(?:^|\s)sora-train\s+(.+)", line):
@@ -55,7 +55,7 @@ def compose(overrides):
 
 def test_the_commands_are_found():
     sources = {c.source for c in training_commands()}
-    assert {"README.md", "torchrun.sh", "train.sbatch"} <= sources, sources
+    assert {"README.md", "guide.md", "torchrun.sh", "train.sbatch"} <= sources, sources
 
 
 @pytest.mark.parametrize("command", training_commands(), ids=lambda c: f"{c.source}:{' '.join(c.overrides)}")
