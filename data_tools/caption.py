@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.encode import _write_json, file_sha256, read_captions
+from data_tools.encode import DefaultsHelpFormatter, _write_json, file_sha256, read_captions
 from sora_train.video_io import VideoReadError, probe_video, read_frames
 
 PROMPT = ("Describe this video in detail, for training a text-to-video model: the main subject and its "
@@ -51,6 +51,19 @@ def _init_worker(model_dir: str, threads: int) -> None:
         processor.tokenizer.padding_side = "left"  # decoder-only generation continues the right end of each row
     _worker.update(processor=processor, name=Path(model_dir).name,
                    model=AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval())
+
+
+def check_model(model_dir: str) -> None:
+    """A local transformers image-text-to-text model, or one line saying what it is instead."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir}: not a local transformers model directory (no config.json)")
+    kind = AutoConfig.from_pretrained(model_dir, local_files_only=True).model_type
+    if kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(f"--model {model_dir}: a {kind!r} model, not an image-text-to-text (vision-language) one "
+                         f"that transformers' AutoModelForImageTextToText loads, e.g. Qwen2-VL, SmolVLM, LLaVA")
 
 
 def caption_batch(rows: list[dict], frames: list[list[np.ndarray]], prompt: str, max_new_tokens: int) -> list[str]:
@@ -122,6 +135,9 @@ def finalize(out: Path, parts_dir: Path, num_parts: int, src_base: Path) -> Path
 def run(captions: str, out: str, model: str, frames: int = 4, batch: int = 4, max_new_tokens: int = 160,
         prompt: str = PROMPT, workers: int = 1, num_tasks: int = 1, task_index: int = 0,
         lines_per_part: int = 64) -> Path | None:
+    if not Path(captions).is_file():
+        raise FileNotFoundError(f"--captions {captions}: no such file")
+    check_model(model)  # before anything is written: a wrong --model leaves no settings behind
     out_path = Path(out)
     parts_dir = Path(str(out_path) + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +145,9 @@ def run(captions: str, out: str, model: str, frames: int = 4, batch: int = 4, ma
                 "frames": frames, "max_new_tokens": max_new_tokens, "prompt": prompt, "lines_per_part": lines_per_part,
                 "batch": batch}
     claimed = parts_dir / "settings.json"
-    if claimed.exists():  # a rerun continues only what the same inputs and settings started
+    # A rerun continues only what the same inputs and settings started; with no part written yet there is nothing
+    # to mix, and the new settings are claimed instead.
+    if claimed.exists() and any(parts_dir.glob("part-*.jsonl")):
         old = json.loads(claimed.read_text())
         changed = [k for k in settings if k != "batch" and old.get(k) != settings[k]]
         if changed:
@@ -162,7 +180,7 @@ def run(captions: str, out: str, model: str, frames: int = 4, batch: int = 4, ma
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=DefaultsHelpFormatter)
     p.add_argument("--captions", required=True, help="the input captions.jsonl (path and caption per line)")
     p.add_argument("--out", required=True, help="the output captions.jsonl (a rerun continues it)")
     p.add_argument("--model", required=True, help="local directory of a transformers image-text-to-text model")
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         path = run(a.captions, a.out, a.model, a.frames, a.batch, a.max_new_tokens, a.prompt, a.workers, a.num_tasks,
                    a.task_index, a.lines_per_part)
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         p.exit(2, f"sora-caption: {e}\n")
     if path:
         print(f"wrote {path}")

@@ -181,15 +181,23 @@ def encode_chunk(chunk: int, rows: list[dict], base: str, out_dir: str) -> dict:
     codec, text, policy = _worker["codec"], _worker["text"], _worker["policy"]
     out, final = Path(out_dir), Path(out_dir) / f"shard-{chunk:06d}.tar"
     tmp = final.with_suffix(".tar.tmp")
+    # grids: each sample's [temporal patches, tokens per temporal patch], so a mixture's token clock can count a
+    # source's samples as trained under its caps (max_frames, max_tokens), not as encoded.
     stats = {"shard": final.name, "samples": 0, "latent_positions": 0, "tokens": 0, "failures": [],
-             "truncated_captions": 0, "max_text_tokens": 0}
+             "truncated_captions": 0, "max_text_tokens": 0, "grids": []}
     ph, pw, pt = policy.patch_size[1], policy.patch_size[2], policy.patch_size[0]
     good = [r for r in rows if "error" not in r]
     stats["failures"] += [{"path": r.get("path"), "line": r["where"], "reason": r["error"]} for r in rows if "error" in r]
     keys = policy.caption_keys
+    # An optional caption that is not a string is left out of its sample, and listed like a bad required one.
+    stats["failures"] += [{"path": r.get("path"), "line": r["where"], "reason": f"'{k}' must be a string, got "
+                           f"{r[k]!r}: the clip is encoded without it"}
+                          for r in good for k in keys[1:] if k in r and r[k] is not None and not isinstance(r[k], str)]
     encoded = {k: text.encode_with_counts([r[k] if isinstance(r.get(k), str) else "" for r in good]) for k in keys}
     try:
-        with wds.TarWriter(str(tmp)) as sink:
+        # A fixed member mtime (webdataset stamps the time of writing): the same inputs and settings give
+        # byte-identical shards, so the same sha256, and a checkpoint resumes on a re-encode of its data.
+        with wds.TarWriter(str(tmp), mtime=0.0) as sink:
             for i, row in enumerate(good):
                 src = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
                 captions = [k for k in keys if isinstance(row.get(k), str)]  # the first is always there (row_error)
@@ -232,6 +240,7 @@ def encode_chunk(chunk: int, rows: list[dict], base: str, out_dir: str) -> dict:
                     stats["samples"] += 1
                     stats["latent_positions"] += t * h * w
                     stats["tokens"] += (t // pt) * (h // ph) * (w // pw)
+                    stats["grids"].append([t // pt, (h // ph) * (w // pw)])
                     stats["max_text_tokens"] = max(stats["max_text_tokens"], *(int(v.shape[0]) for v in states.values()))
     except BaseException:
         tmp.unlink(missing_ok=True)  # a crash leaves no half shard behind (the rerun redoes this chunk)
@@ -262,13 +271,24 @@ def claim_output(out_dir: Path, settings: dict) -> None:
         # Settings added since an output was started are compared as the value its encode used then.
         old = {**LEGACY_SETTINGS, **json.loads(path.read_text())}
         old["policy"] = {**json.loads(json.dumps(asdict(EncodePolicy()))), **old["policy"]}
-        changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-                   if old.get(k) != settings.get(k)]
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing(old, settings)]
         if changed:
             raise OutputInUse(f"--out {out_dir} holds shards encoded from other inputs or settings ("
                               f"{'; '.join(changed)}); encode into a new --out, or delete this one to start over")
         return
     _write_json(path, settings)
+
+
+def differing(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for each leaf where two nested dicts differ."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
 
 
 def file_sha256(path: Path) -> str:
@@ -337,7 +357,8 @@ def finalize(out_dir: Path, num_chunks: int, header: dict) -> Path | None:
             for fail in s["failures"]:
                 f.write(json.dumps(fail) + "\n")
     manifest = dict(header, version=MANIFEST_VERSION,
-                    shards=[{k: s[k] for k in ("shard", "samples", "latent_positions", "tokens", "sha256") if k in s}
+                    shards=[{k: s[k] for k in ("shard", "samples", "latent_positions", "tokens", "sha256", "grids")
+                             if k in s}
                             for s in shards],
                     samples=sum(s["samples"] for s in shards), failures=sum(len(s["failures"]) for s in shards),
                     truncated_captions=sum(s.get("truncated_captions", 0) for s in shards),
@@ -390,9 +411,16 @@ def run(captions: str, out: str, codec_kw: dict, text_path: str | None, policy: 
     return finalize(out_dir, len(chunks), header)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, unless the help says it in its own words."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Encode captioned videos to webdataset latent shards.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--captions", required=True, help="JSONL with path and caption per line (paths relative to it)")
     p.add_argument("--out", required=True, help="shard directory; a rerun continues it (same inputs and settings)")
     p.add_argument("--codec", default="pixel", choices=["pixel", "image_vae", "video_vae"],
@@ -433,6 +461,13 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if not 0 <= a.task_index < a.num_tasks:
         p.error(f"--task-index {a.task_index} must be in [0, {a.num_tasks})")
+    for flag, value in (("--clip-seconds", a.clip_seconds), ("--target-fps", a.target_fps)):
+        if value is not None and not value > 0:
+            p.error(f"{flag} must be > 0, got {value:g} (leave it out for {'whole clips' if flag == '--clip-seconds' else 'every frame'})")
+    for flag, value in (("--max-pixels", a.max_pixels), ("--max-frames", a.max_frames), ("--min-frames", a.min_frames),
+                        ("--clips-per-shard", a.clips_per_shard), ("--workers", a.workers)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     codec_kw = {"kind": a.codec, "path": a.codec_path, "factors": ints(a.codec_factors), "class_name": a.codec_class}
     policy = EncodePolicy(ints(a.patch_size), a.max_pixels, a.max_frames, a.min_frames, a.target_fps, a.span,
@@ -446,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
         m = json.loads(manifest.read_text())
         print(f"wrote {len(m['shards'])} shards, {m['samples']} samples, {m['failures']} failures "
               f"({m['truncated_captions']} captions cut at {m['text_encoder']['max_length']} tokens) -> {manifest}")
+        if m["samples"] == 0:  # a dataset of nothing: training on it would wait forever for a first row
+            p.exit(1, f"sora-encode: no clip was encoded: every one failed or was skipped; the reasons are in "
+                      f"{manifest.parent / 'failures.jsonl'}\n")
 
 
 if __name__ == "__main__":

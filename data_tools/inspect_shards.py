@@ -51,7 +51,7 @@ def mix_report(mix: list[str], rows: int, seq_len: int, text_len: int, patch: tu
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("source", nargs="?", help="shard directory, brace pattern or pipe: command")
     p.add_argument("--show", type=int, default=0, help="decode this many samples")
     p.add_argument("--png", default=None, help="write the decoded samples' frames to this PNG")

@@ -177,3 +177,26 @@ def saved_model_config(saved: dict):
 def model_args(node) -> DiTArgs:
     """The `model` node as the object it describes (Hydra hands a DictConfig of the DiTArgs schema)."""
     return node if isinstance(node, DiTArgs) else OmegaConf.to_object(node)
+
+
+def unknown_keys(cfg) -> list[str]:
+    """Keys of a composed config that its schema does not have (`+model.dimm=5`: Hydra's `+` adds any key), each
+    with the nearest valid one. Only the loosely typed dict nodes (data.sources, data.caption_mix) take new keys."""
+    import dataclasses
+    import difflib
+
+    found = []
+
+    def walk(node, path: str) -> None:
+        schema = node._metadata.object_type
+        names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+        for key in node.keys():
+            where = f"{path}{key}"
+            if names is not None and key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                found.append(f"{where}" + (f" (did you mean {path}{near[0]}?)" if near else ""))
+            elif names is not None and OmegaConf.is_dict(child := node._get_node(key)):
+                walk(child, f"{where}.")
+
+    walk(cfg, "")
+    return found

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from .data import check_manifest, list_shards, load_manifest
-from .data.mixture import sources_of
+from .data.mixture import source_config, sources_of
 from .diffusion.conditioning import ConditionConfig
 from .data.stream import check_readers
 from .engine.checkpoint import dir_bytes, half_written
@@ -42,6 +43,15 @@ RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup
           "checkpoint.keep_last": (1, None), "ema.decay": (0.0, 1.0), "logging.every": (0, None),
           "logging.val_every": (0, None), "logging.sample_every": (0, None), "logging.val_batches": (1, None),
           "watchdog_s": (1.0, None), "parallel.timeout_s": (1.0, None), "parallel.checkpoint_blocks": (-1, None)}
+
+
+def check_known_keys(cfg) -> None:
+    """Hydra's `+key=value` adds any key: a misspelt one would be ignored silently. Refused, with the nearest."""
+    from .config import unknown_keys
+
+    if found := unknown_keys(cfg):
+        raise ConfigError(f"unknown key(s): {'; '.join(found)}. Only data.sources and data.caption_mix take new "
+                          f"keys with '+'")
 
 
 def check_values(cfg) -> None:
@@ -103,6 +113,7 @@ def checkpoint_bytes(params: int, zero_stage: int) -> int:
 def preflight(cfg, check_data: bool = True) -> dict | None:
     """Returns the dataset manifest (or None for pipe: sources without one, or with check_data=False: a caller
     that feeds its own batches, as sora-bench does)."""
+    check_known_keys(cfg)
     check_values(cfg)
     args = model_args(cfg.model)
     try:
@@ -183,34 +194,49 @@ def check_data_sources(cfg, dp: int) -> dict | None:
     mixed = bool(cfg.data.sources)
     if mixed == bool(cfg.data.train):
         raise ConfigError("set data.train (the training shards: a directory, a brace pattern or pipe: commands, e.g. "
-                          "data.train=/data/shards) or data.sources (a weighted mixture), not both"
+                          "data.train=/data/shards) or data.sources (a weighted mixture), not both: with data.sources, add "
+                          "data.train=null (an experiment preset may have set it)"
                           if mixed else "data.train is not set: give the training shards (a directory, a brace "
                           "pattern or pipe: commands), e.g. data.train=/data/shards, or data.sources (a mixture)")
-    sources = {f"data.sources.{n}": s.train for n, s in cfg.data.sources.items()} if mixed else \
-        {"data.train": cfg.data.train}
+    try:
+        nodes = {f"data.sources.{n}": source_config(n, s) for n, s in cfg.data.sources.items()} if mixed else {}
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    sources = {k: c.train for k, c in nodes.items()} if mixed else {"data.train": cfg.data.train}
     try:
         if cfg.data.val:
             list_shards(cfg.data.val)
     except FileNotFoundError as e:
         raise ConfigError(f"data.val: {e}") from e
-    manifest = None
+    manifest, captions_of = None, {}
     for key, train in sources.items():
         try:
             check_readers(len(list_shards(train)), dp, cfg.data.num_workers)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from e
         found = load_manifest(train)
+        weight = nodes[key].weight if mixed else 1.0
+        if found is not None and weight and not sum(int(s.get("samples", 0)) for s in found.get("shards", [])):
+            raise ConfigError(f"{key}: {train} holds no samples (its manifest.json lists 0): every clip failed or was "
+                              f"skipped when it was encoded; its failures.jsonl says why")
         if found is not None:
             try:
                 check_manifest(found, cfg.model.in_channels, cfg.model.text_dim, tuple(cfg.model.patch_size),
                                cfg.data.text_len)
             except ValueError as e:
                 raise ConfigError(f"{key}: {e}" if mixed else str(e)) from e
-        unknown = sorted(set(cfg.data.caption_mix) - set((found or {}).get("caption_keys", ["caption"])))
-        if found is not None and unknown:
-            raise ConfigError(f"data.caption_mix: {unknown} are not among {key}'s captions "
-                              f"{found.get('caption_keys', ['caption'])} (sora-encode --caption-keys)")
+        if found is not None:
+            captions_of[key] = found.get("caption_keys", ["caption"])
         manifest = manifest or found  # the first names the text encoder and codec samples are made with
+    # A drawn caption a sample lacks falls back to its first, inside a dataset and across a mixture's sources alike
+    # (stills with short captions beside clips with long ones); a key no source has is a typo.
+    if captions_of and (unknown := sorted(set(cfg.data.caption_mix) - {k for ks in captions_of.values() for k in ks})):
+        raise ConfigError(f"data.caption_mix: {unknown} are not among the captions of "
+                          f"{' or '.join(f'{k} {v}' for k, v in captions_of.items())} (sora-encode --caption-keys)")
+    for key, keys in captions_of.items():
+        if lacking := sorted(set(cfg.data.caption_mix) - set(keys)):
+            print(f"note: {key} has no {', '.join(lacking)} caption(s) (its captions: {keys}); its samples drawn "
+                  f"for one are trained on their first caption", file=sys.stderr, flush=True)
     if mixed:
         try:
             sources_of(cfg.data.sources)

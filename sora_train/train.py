@@ -21,11 +21,12 @@ from .data import DataQualityError, PackedLoader, StreamSpec
 from .data.mixture import sources_of
 from .data.stream import NoUsableSamples
 from .diffusion import build_objective, draw_given, noise, packed_loss, per_token, step_generator
-from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState
+from .engine.checkpoint import CheckpointManager, DataPosition, EngineState, RNGState, prefixed
 from .engine.determinism import use_deterministic_kernels
 from .engine.ema import EMA
 from .engine.metrics import MetricLogger, SampleIds, Throughput, describe_run
-from .engine.init_from import check_architecture, find_parent, lineage, load_weights, start_stage
+from .engine.init_from import (check_architecture, check_optimizer_source, find_parent, lineage, load_weights,
+                               start_stage)
 from .engine.nonfinite import NonFiniteSteps
 from .engine.optim import learning_rates, optimizer_step
 from .engine.preemption import StopRequested, exit_after_save
@@ -193,6 +194,8 @@ def build(cfg, loader=None) -> Trainer:
         use_deterministic_kernels()
     parent = find_parent(cfg.init_from.path) if cfg.init_from.path else None  # a stage: from another run's weights
     changed = check_architecture(cfg, parent) if parent else []
+    if parent:
+        check_optimizer_source(cfg, parent, dist_env.detect().world_size)
     # One run per out_dir. The rank from the launcher's variables (torchrun or srun): no process group exists yet.
     lock = RunLock(cfg.out_dir).acquire() if dist_env.detect().rank == 0 else None
     dims = init_distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cfg.parallel.ring)
@@ -224,8 +227,9 @@ def build(cfg, loader=None) -> Trainer:
                                   cfg.data.num_workers, None, cfg.data.max_bad_fraction,
                                   cfg.data.min_reads_for_check, pin_memory=device.type == "cuda")
         except ValueError as e:
-            raise ConfigError(f"{what}: {e}") from e
-        ckpt.parts["data_position"] = DataPosition(loader, dims.sp_rank, dims.world_size, what)
+            raise ConfigError(prefixed(what, str(e))) from e
+        ckpt.parts["data_position"] = DataPosition(loader, dims.sp_rank, dims.world_size, what,
+                                                   to_container(cfg)["data"])
     if src is not None:
         meta = ckpt.load(src)
         if dims.is_main:

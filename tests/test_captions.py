@@ -76,6 +76,27 @@ def test_a_caption_mix_naming_a_caption_the_shards_lack_is_refused(two_captions,
         preflight(cfg)
 
 
+def test_a_caption_mix_over_sources_with_other_captions_falls_back_as_inside_one(two_captions, dataset, tmp_path,
+                                                                                capsys):
+    """Stills with short captions beside clips with long ones: the mix is taken, and a source without the drawn
+    caption trains on its first, as a sample without it inside one dataset does."""
+    from test_commands import compose
+
+    from sora_train.data import PackedLoader
+    from sora_train.data.mixture import sources_of
+    from sora_train.preflight import preflight
+
+    cfg = compose(["experiment=quickstart", "data.train=null", "data.val=null", f"out_dir={tmp_path}",
+                   "data.num_workers=0", f"+data.sources.long={{train: {two_captions / 'shards'}, weight: 0.5}}",
+                   f"+data.sources.short={{train: {dataset / 'shards'}, weight: 0.5}}",
+                   "+data.caption_mix={caption: 0.5, caption_long: 0.5}"])
+    preflight(cfg)
+    assert "data.sources.short has no caption_long caption(s)" in capsys.readouterr().err
+    spec = StreamSpec(**{**SPEC.__dict__, "caption_mix": (("caption_long", 1.0),)})
+    seen = captions_seen(PackedLoader(sources_of(cfg.data.sources), spec, num_workers=0), 6)
+    assert any(c.startswith("in detail: ") for c in seen) and any(not c.startswith("in detail: ") for c in seen)
+
+
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
             "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -140,6 +161,49 @@ def test_sora_caption_captions_resumes_lists_failures_and_feeds_the_encoder(tiny
     manifest = json.loads(encode(str(out), str(tmp_path / "shards"), {"kind": "pixel"}, None, policy,
                                  progress=False).read_text())
     assert manifest["samples"] == 5 and manifest["failures"] == 1  # the missing clip
+
+
+def test_sora_caption_refuses_a_wrong_model_or_file_in_one_line_and_writes_nothing(tiny_vlm, tmp_path, capsys):
+    """A missing or non-VLM --model and a missing --captions: one line, exit 2, and no settings claimed, so the rerun
+    with the right model is not refused as "other model"."""
+    from transformers import BertConfig, BertModel
+
+    from data_tools.caption import main
+    from data_tools.synthetic import generate
+
+    captions = generate(tmp_path / "raw", 2, seed=6, min_size=32, max_size=48, min_frames=4, max_frames=6)
+    text_only = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=8)).save_pretrained(text_only)
+    capsys.readouterr()  # the save's progress bar
+    out = tmp_path / "long.jsonl"
+    for captions_arg, model, message in ((captions, tmp_path / "nope", "not a local transformers model directory"),
+                                         (captions, text_only, "a 'bert' model, not an image-text-to-text"),
+                                         (tmp_path / "none.jsonl", tiny_vlm, "none.jsonl: no such file")):
+        with pytest.raises(SystemExit) as e:
+            main(["--captions", str(captions_arg), "--out", str(out), "--model", str(model)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not Path(str(out) + ".parts").exists()
+    main(["--captions", str(captions), "--out", str(out), "--model", str(tiny_vlm), "--frames", "2",
+          "--max-new-tokens", "4"])
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_an_optional_caption_that_is_not_a_string_is_listed_as_a_failure(tmp_path):
+    from data_tools.encode import EncodePolicy, run
+    from data_tools.synthetic import generate
+
+    captions = generate(tmp_path / "raw", 2, seed=4, min_size=32, max_size=48, min_frames=4, max_frames=6)
+    rows = [json.loads(line) for line in captions.read_text().splitlines()]
+    rows[0]["caption_long"], rows[1]["caption_long"] = 7, "in detail"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    policy = EncodePolicy(max_pixels=32 * 32, max_frames=4, min_frames=1, caption_keys=("caption", "caption_long"))
+    manifest = json.loads(run(str(captions), str(tmp_path / "shards"), {"kind": "pixel"}, None, policy,
+                              progress=False).read_text())
+    failures = [json.loads(line) for line in (tmp_path / "shards" / "failures.jsonl").read_text().splitlines()]
+    assert manifest["samples"] == 2 and [f["line"] for f in failures] == [f"{captions}:1"]
+    assert "'caption_long' must be a string, got 7: the clip is encoded without it" in failures[0]["reason"]
 
 
 def test_sora_sample_upsamples_each_prompt_and_records_both(straight_run, tmp_path):

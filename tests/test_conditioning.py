@@ -121,7 +121,7 @@ def test_the_sampler_keeps_a_given_image_exactly_on_a_trained_model(straight_run
     image[8:20, 6:18] = (220, 30, 30)
     Image.fromarray(image).save(tmp_path / "red.png")
     pipe = load_pipeline(straight_run / "checkpoints", use_ema=False, device="cpu")
-    given = pipe.given_frames(4, 32, 32, first=read_frames_of(str(tmp_path / "red.png")))
+    given = pipe.given_frames(4, 32, 32, first=read_frames_of("image", str(tmp_path / "red.png")))
     (video,) = pipe.generate(["a red square moving right"], 4, 32, 32, steps=3, guidance=2.0, given=given)
     assert video.shape == (4, 32, 32, 3) and np.array_equal(video[0], image)
     assert not np.array_equal(video[-1], image)  # the rest is generated
@@ -167,3 +167,49 @@ def test_a_conditioned_run_resumes_exactly(dataset, tmp_path):
                                                            **{**cond, "optim.steps": steps})])
     straight, parts = step_losses(tmp_path / "straight"), step_losses(tmp_path / "parts")
     assert [parts[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+
+
+def test_sampling_inputs_that_cannot_be_used_are_refused_and_doubtful_ones_warned(straight_run, tmp_path, capsys):
+    """One line for a file that is not an image or a video and a missing upsampler; a warning, once, that a model
+    trained without frame conditioning was given frames, and that a video gave fewer frames than context_frames;
+    and no NumPy "not writable" warning on the way."""
+    import subprocess
+    import sys
+    import warnings
+
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from distributed import ROOT, env
+    from sora_train.config import SampleConfig
+    from sora_train.inference.sample import run
+    from test_videos import write_video
+
+    def sample(**kw):
+        return run(OmegaConf.structured(SampleConfig(
+            checkpoint=str(straight_run / "checkpoints"), out_dir=str(tmp_path / "v"), prompts=["a red square"],
+            frames=8, height=32, width=32, steps=2, device="cpu", **kw)))
+
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "notes.mp4").write_text("not a video")
+    with pytest.raises(ValueError, match=r"^image=.*notes.png: not an image that can be read"):
+        sample(image=str(tmp_path / "notes.png"))
+    with pytest.raises(ValueError, match=r"^video=.*notes.mp4: not a video that can be read"):
+        sample(video=str(tmp_path / "notes.mp4"))
+    with pytest.raises(FileNotFoundError, match=r"^upsample=.*nope: not a local transformers model directory"):
+        sample(upsample=str(tmp_path / "nope"))
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "grey.png")
+    write_video(tmp_path / "two.mp4", np.full((2, 32, 32, 3), 90, np.uint8))
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample(image=str(tmp_path / "grey.png"))
+        sample(video=str(tmp_path / "two.mp4"), context_frames=4)
+    err = capsys.readouterr().err
+    assert err.count("trained without frame conditioning") == 2  # once per sora-sample, not per prompt or frame
+    assert "video=" in err and "has 2 frame(s), fewer than context_frames=4: all 2 are given" in err
+    assert not [w for w in caught if "not writable" in str(w.message)], [str(w.message) for w in caught]
+    r = subprocess.run([sys.executable, "-m", "sora_train.inference.evaluate", f"checkpoint={straight_run / 'checkpoints'}",
+                        "task=v2v"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("eval error: task='v2v': use t2v"), r.stderr
+    assert "Traceback" not in r.stderr

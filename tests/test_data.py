@@ -245,16 +245,75 @@ def test_encoder_skips_bad_videos_resumes_and_splits_array_tasks(tmp_path):
     # A rerun with other settings or other captions would skip the finished shards by name and mix two datasets.
     from data_tools.encode import OutputInUse
 
-    with pytest.raises(OutputInUse, match=r"policy: .*'max_pixels': 1024.*'max_pixels': 2304"):
+    with pytest.raises(OutputInUse, match=r"\(policy\.max_pixels: 1024 -> 2304\); encode into a new --out"):
         run(str(captions), str(out), kw, None, EncodePolicy(max_pixels=48 * 48, max_frames=4), clips_per_shard=2,
             progress=False)
-    with pytest.raises(OutputInUse, match=r"codec: \{'kind': 'pixel'\} -> \{'kind': 'pixel', 'factors': \[1, 8, 8\]\}"):
+    with pytest.raises(OutputInUse, match=r"\(codec\.factors: None -> \[1, 8, 8\]\)"):
         run(str(captions), str(out), {"kind": "pixel", "factors": (1, 8, 8)}, None, policy, clips_per_shard=2,
             progress=False)
     other = generate(tmp_path / "raw2", 6, seed=4, min_size=32, max_size=48, min_frames=4, max_frames=6)
     with pytest.raises(OutputInUse, match="captions_sha256"):
         run(str(other), str(out), kw, None, policy, clips_per_shard=2, progress=False)
     assert (out / "shard-000000.tar").stat().st_mtime_ns == stamp and json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_an_encode_of_nothing_fails_and_no_run_waits_on_its_shards(tmp_path, capsys):
+    """Every clip too short: the encoder exits non-zero; training refuses the set before step 0, naming it; a reader
+    of such shards without a manifest (pipe: sources) stops with the reason instead of cycling empty epochs."""
+    from data_tools.encode import main
+    from data_tools.synthetic import generate
+    from sora_train.data.stream import NoUsableSamples, PackedStream
+    from sora_train.preflight import ConfigError, check_data_sources
+    from test_commands import compose
+
+    captions = generate(tmp_path / "raw", 3, seed=3, min_size=32, max_size=48, min_frames=4, max_frames=6)
+    out = tmp_path / "empty"
+    with pytest.raises(SystemExit) as e:
+        main(["--captions", str(captions), "--out", str(out), "--min-frames", "100", "--no-progress"])
+    assert e.value.code == 1 and "no clip was encoded" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["samples"] == 0
+    with pytest.raises(ConfigError, match=f"data.train: {out} holds no samples"):
+        check_data_sources(compose([f"data.train={out}", "data.num_workers=0"]), 1)
+    (out / "manifest.json").unlink()
+    spec = StreamSpec(seq_len=256, text_len=64, rows=1, max_per_row=8, lookahead=4, seed=0, epochs=20,
+                      caption_dropout=0.0, oversize="crop_time", patch=(1, 2, 2), channels=48, text_dim=384)
+    urls = [str(out / "shard-000000.tar")]
+    with pytest.raises(NoUsableSamples, match="hold no samples"):
+        next(iter(PackedStream(urls, spec, 0, 1, StreamPosition(0, "x"))))
+
+
+def test_encoder_options_out_of_range_are_refused(tmp_path, capsys):
+    from data_tools.encode import main
+
+    for flag, value, message in (("--clip-seconds", "-1", "--clip-seconds must be > 0, got -1"),
+                                 ("--clip-seconds", "0", "--clip-seconds must be > 0, got 0"),
+                                 ("--max-frames", "0", "--max-frames must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(["--captions", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "o"), flag, value])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_reencode_is_byte_identical_and_a_changed_dataset_is_named_shard_by_shard(tmp_path):
+    from data_tools.encode import run
+    from data_tools.synthetic import generate
+    from sora_train.data.shards import dataset_changes
+
+    captions = generate(tmp_path / "raw", 4, seed=3, min_size=32, max_size=48, min_frames=4, max_frames=6)
+    policy, kw = EncodePolicy(max_pixels=32 * 32, max_frames=4), {"kind": "pixel"}
+    shas = []
+    for name in ("a", "b"):
+        manifest = json.loads(run(str(captions), str(tmp_path / name), kw, None, policy, clips_per_shard=2,
+                                  progress=False).read_text())
+        shas.append([s["sha256"] for s in manifest["shards"]])
+    assert shas[0] == shas[1]  # other --out, other time: the same bytes, so a checkpoint resumes on either
+    assert dataset_changes({"train": str(tmp_path / "a")}, {"train": str(tmp_path / "b")}) == ""
+    run(str(captions), str(tmp_path / "c"), kw, None, EncodePolicy(max_pixels=48 * 48, max_frames=4),
+        clips_per_shard=2, progress=False)
+    changes = dataset_changes({"train": str(tmp_path / "a")}, {"train": str(tmp_path / "c")})
+    assert "data.train: " in changes and "2 of 2 shards with other contents (shard-000000.tar, shard-000001.tar)" \
+        in changes and "encoded with other settings (max_pixels)" in changes, changes
+    assert "has no manifest.json" in dataset_changes({"train": str(tmp_path / "gone")}, {"train": str(tmp_path / "a")})
 
 
 def test_merging_resumed_positions_keeps_one_view_per_shard(dataset):

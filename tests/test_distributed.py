@@ -376,7 +376,9 @@ def test_stage0_muon_run_resumes_exactly_exports_and_samples_without_ema(dataset
     step = out / "checkpoints" / "step_00000004"
     saved = torch.load(step / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     resumed, _ = load_model(again / "checkpoints", use_ema=False)
-    for source in (out / "checkpoints", export(out / "checkpoints", tmp_path / "export")):
+    exported = export(out / "checkpoints", tmp_path / "export")
+    assert (exported / "model.safetensors").stat().st_mode == (exported / "meta.json").stat().st_mode  # shared alike
+    for source in (out / "checkpoints", exported):
         model, _ = load_model(source, use_ema=False)
         for name, p in model.state_dict().items():
             assert torch.equal(p, saved[name]) and torch.equal(p, resumed.state_dict()[name]), (source, name)

@@ -32,7 +32,7 @@ def write_source(root: Path, name: str, samples: int, frames: tuple[int, int], s
     per = -(-samples // shards)
     entries = []
     for k in range(shards):
-        path, tokens, n = out / f"shard-{k:06d}.tar", 0, 0
+        path, tokens, n, grids = out / f"shard-{k:06d}.tar", 0, 0, []
         with wds.TarWriter(str(path)) as sink:
             for j in range(k * per, min(samples, (k + 1) * per)):
                 t = int(rng.integers(frames[0], frames[1] + 1))
@@ -40,7 +40,8 @@ def write_source(root: Path, name: str, samples: int, frames: tuple[int, int], s
                             "text.npy": npy(np.ones((3, 8), np.float16)), "txt": f"{name} {j}",
                             "json": json.dumps({"latent_shape": [4, t, 8, 8]})})
                 tokens, n = tokens + 16 * t, n + 1
-        entries.append({"shard": path.name, "samples": n, "tokens": tokens})
+                grids.append([t, 16])
+        entries.append({"shard": path.name, "samples": n, "tokens": tokens, "grids": grids})
     (out / "manifest.json").write_text(json.dumps({"shards": entries, "codec": {"latent_channels": 4},
                                                    "text_encoder": {"width": 8}, "patch_size": [1, 2, 2]}))
     return out
@@ -95,6 +96,17 @@ def test_token_shares_follow_the_weights_over_short_windows(three):
         window = token_shares(batches[start : start + 5])
         assert all(abs(window[n] - w) < 0.08 for n, w in weights.items()), (start, window)
     assert loader.stats.as_metrics()["data/token_share/long"] == pytest.approx(shares["long"])
+
+
+def test_a_sources_frame_cap_counts_on_its_clock_as_trained(three):
+    """max_frames: 2 on the long clips (10-20 frames): their clock counts the capped tokens, so the shares of the
+    trained tokens still follow the weights (counting the manifest's uncapped tokens starved the capped source)."""
+    sources = mixture(three, {"long": 0.5, "mid": 0.5})
+    capped = sources_of(OmegaConf.create({"long": {"train": str(three["long"]), "weight": 0.5, "max_frames": 2},
+                                          "mid": {"train": str(three["mid"]), "weight": 0.5}}))
+    assert sum(capped[0].shard_tokens) == 40 * 2 * 16 < sum(sources[0].shard_tokens)
+    shares = token_shares(take(PackedLoader(capped, SPEC, num_workers=0), 30))
+    assert abs(shares["long"] - 0.5) < 0.03, shares
 
 
 def test_sora_inspect_reports_a_mixtures_token_shares_and_packing_without_training(three, capsys):

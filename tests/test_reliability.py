@@ -170,6 +170,12 @@ def compose(*overrides):
     (["parallel.checkpoint_blocks=6"], r"parallel.checkpoint_blocks=6 exceeds model.depth=5"),
     (["parallel.compile=true", "parallel.zero_stage=3", "parallel.zero3_gather=module", "optim.name=adamw"],
      r"ZeRO-3's per-layer hooks break the compiled block's graph at every layer"),
+    (["+model.dimm=5", "+optim.lrr=0.1"],
+     r"unknown key\(s\): model.dimm \(did you mean model.dim\?\); optim.lrr \(did you mean optim.lr\?\)"),
+    (["data.train=null", "+data.sources.x={weight: 0.5}"], r"^data.sources.x: train \(its shards\) is not set"),
+    (["data.train=null", "+data.sources.x=/data/shards"],
+     r"data.sources.x='/data/shards': a source is a mapping, e.g. \+data.sources.x='\{train: /data/shards"),
+    (["+data.sources.x={train: /data/shards}"], r"not both: with data.sources, add data.train=null"),
 ])
 def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):
     from sora_train.preflight import ConfigError, preflight
@@ -507,6 +513,11 @@ def test_help_of_each_entry_names_its_own_options_with_defaults():
     encode = helptext("data_tools.encode")
     assert "scaled down, aspect kept (default: 4096)" in encode and "(default: SLURM_ARRAY_TASK_COUNT)" in encode
     assert "fewest frames per clip (default: 4)" in helptext("data_tools.synthetic")
+    assert "(default: the tokenizer's limit, at most 512) --patch-size" in encode  # its own words, not twice
+    assert encode.count("(default: None)") == 0 or "limit, at most 512) (default" not in encode
+    for module, last_words in (("data_tools.inspect_shards", "and the packing efficiency."),
+                               ("data_tools.caption", "the model trains on them).")):
+        assert last_words in helptext(module), module  # the description whole, not its first line
 
 
 def test_the_validation_line_does_not_read_like_a_training_line(tmp_path, capsys):
@@ -626,3 +637,39 @@ def test_the_environment_is_the_pinned_one():
     drifted = {name: (str(Version(metadata.version(name)).public), str(pins[name])) for name in needed
                if Version(Version(metadata.version(name)).public) != pins[name]}
     assert drifted == {}, f"installed != launch/constraints.txt (installed, pinned): {drifted}"
+
+
+def test_resume_takes_a_checkpoints_directory_as_its_latest(tmp_path):
+    """checkpoint.resume=<checkpoints dir> resumes its newest step, as init_from, sora-export and sora-sample take one;
+    a path that is neither is refused in one line."""
+    from types import SimpleNamespace
+
+    from sora_train.engine.resume import resume_point
+    from sora_train.preflight import ConfigError
+
+    root = tmp_path / "checkpoints"
+    for step in ("step_00000002", "step_00000004"):
+        (root / step).mkdir(parents=True)
+        (root / step / "COMPLETE").write_text("")
+    (root / "latest").write_text("step_00000004")
+    asked = lambda path: SimpleNamespace(checkpoint=SimpleNamespace(resume=str(path)))  # noqa: E731
+    assert resume_point(asked(root), tmp_path) == root / "step_00000004"
+    assert resume_point(asked(root / "step_00000002"), tmp_path) == root / "step_00000002"
+    with pytest.raises(ConfigError, match="no such directory"):
+        resume_point(asked(tmp_path / "nope"), tmp_path)
+    with pytest.raises(ConfigError, match="neither a complete step directory nor a checkpoints directory"):
+        resume_point(asked(tmp_path), tmp_path)
+
+
+def test_lineage_records_absolute_places(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sora_train.engine.init_from import lineage
+
+    monkeypatch.chdir(tmp_path)
+    step = Path("runs/stage1/checkpoints/step_00000004")
+    parent = SimpleNamespace(path=step, is_export=False, meta={"step": 4, "config": {"out_dir": "runs/stage1"}})
+    (entry,) = lineage(parent)
+    assert entry["init_from"] == str(tmp_path / step) and entry["out_dir"] == str(tmp_path / "runs" / "stage1")
+    export = SimpleNamespace(path=Path("exported"), is_export=True, meta={"config": {"out_dir": "runs/stage1"}})
+    assert lineage(export)[0]["out_dir"] == str(tmp_path / "runs" / "stage1")

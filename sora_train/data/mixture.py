@@ -46,17 +46,7 @@ class Source:
     @classmethod
     def of(cls, name: str, node) -> "Source":
         """From a `data.sources.<name>` node (SourceConfig's fields); the shards need their manifest.json."""
-        from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-
-        from .config import SourceConfig
-
-        try:  # the schema's defaults and types (the node itself is loosely typed: see DataConfig.sources)
-            cfg = OmegaConf.merge(OmegaConf.structured(SourceConfig), node)
-            if OmegaConf.is_missing(cfg, "train"):
-                raise ValueError("train (its shards) is not set")
-        except (OmegaConfBaseException, ValueError) as e:
-            raise ValueError(f"data.sources.{name}: {str(e).splitlines()[0]}") from None
+        cfg = source_config(name, node)
         urls = list_shards(cfg.train)
         manifest = load_manifest(cfg.train)
         if manifest is None:
@@ -67,11 +57,33 @@ class Source:
         missing = [n for n in names if n not in by_name]
         if missing:
             raise ValueError(f"data.sources.{name}: shards {missing[:3]} are not in {cfg.train}'s manifest.json")
-        if cfg.weight < 0:
-            raise ValueError(f"data.sources.{name}.weight={cfg.weight}: weights are >= 0")
-        return cls(name, urls, float(cfg.weight), [int(by_name[n]["tokens"]) for n in names],
+        patch_t = manifest.get("patch_size", [1])[0]
+        return cls(name, urls, float(cfg.weight), [capped_tokens(by_name[n], cfg.max_frames, cfg.max_tokens, patch_t)
+                                                   for n in names],
                    [int(by_name[n]["samples"]) for n in names], fingerprint(urls, manifest), cfg.max_tokens,
                    cfg.max_frames, cfg.caption_dropout)
+
+
+def source_config(name: str, node):
+    """A `data.sources.<name>` node checked against SourceConfig (the node itself is loosely typed: see
+    DataConfig.sources), with its defaults; ValueError naming the source and what to write."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import SourceConfig
+
+    if not isinstance(node, (dict, DictConfig)):
+        raise ValueError(f"data.sources.{name}={node!r}: a source is a mapping, e.g. "
+                         f"+data.sources.{name}='{{train: {node if isinstance(node, str) else '/data/shards'}, weight: 0.5}}'")
+    try:  # the schema's defaults and types
+        cfg = OmegaConf.merge(OmegaConf.structured(SourceConfig), node)
+        if OmegaConf.is_missing(cfg, "train"):
+            raise ValueError("train (its shards) is not set, e.g. {train: /data/shards, weight: 0.5}")
+    except (OmegaConfBaseException, ValueError) as e:
+        raise ValueError(f"data.sources.{name}: {str(e).splitlines()[0]}") from None
+    if cfg.weight < 0:
+        raise ValueError(f"data.sources.{name}.weight={cfg.weight}: weights are >= 0")
+    return cfg
 
 
 def sources_of(cfg_sources) -> list[Source]:
@@ -175,11 +187,30 @@ def position_from_state_dict(d: dict):
     return MixturePosition.from_state_dict(d) if "mixture" in d else StreamPosition.from_state_dict(d)
 
 
-def sample_tokens(raw: dict, patch: tuple[int, int, int], limit: int, fallback: float) -> float:
-    """A raw sample's token count from its json (latent_shape), without decoding the latent; `fallback` for a
-    sample without one (the clock only needs to be deterministic, not exact)."""
+def capped(t: int, per_t: int, max_frames: int | None, limit: int | None, patch_t: int = 1) -> int:
+    """Tokens of a sample of `t` temporal patches of `per_t` tokens each, as trained: cut to max_frames latent
+    frames, then cropped in time to `limit` tokens (what PackedStream.make_item does)."""
+    if max_frames and t * patch_t > max_frames:
+        t = max(max_frames // patch_t, 1)
+    if limit and t * per_t > limit:
+        t = limit // per_t
+    return t * per_t
+
+
+def capped_tokens(shard: dict, max_frames: int | None, max_tokens: int | None, patch_t: int = 1) -> int:
+    """A manifest shard entry's tokens under a source's caps: its clock counts what is trained. From each sample's
+    grid (sora-encode writes them); a manifest from before the grids has only the uncapped total."""
+    if not (max_frames or max_tokens) or "grids" not in shard:
+        return int(shard["tokens"])
+    return sum(capped(t, per_t, max_frames, max_tokens, patch_t) for t, per_t in shard["grids"])
+
+
+def sample_tokens(raw: dict, patch: tuple[int, int, int], limit: int, fallback: float,
+                  max_frames: int | None = None) -> float:
+    """A raw sample's token count as trained, from its json (latent_shape), without decoding the latent; `fallback`
+    for a sample without one (the clock only needs to be deterministic, not exact)."""
     try:
         _, t, h, w = json.loads(raw["json"])["latent_shape"]
-        return min(limit, (t // patch[0]) * (h // patch[1]) * (w // patch[2]))
+        return capped(t // patch[0], (h // patch[1]) * (w // patch[2]), max_frames, limit, patch[0])
     except (KeyError, ValueError, TypeError):
         return fallback

@@ -81,3 +81,38 @@ def check_manifest(manifest: dict, channels: int, text_dim: int, patch: tuple[in
                         "does not divide them")
     if problems:
         raise ManifestMismatch("the dataset does not match the model: " + "; ".join(problems))
+
+
+def dataset_changes(old_data: dict, new_data: dict) -> str:
+    """What differs between the datasets of a checkpoint's data config and this run's, from their manifests shard by
+    shard (and the encoder's settings): the detail of a refused resume. '' where neither manifest can be read."""
+    if new_data.get("sources"):
+        old_sources = old_data.get("sources") or {}
+        pairs = [(f"data.sources.{k}", (old_sources.get(k) or {}).get("train"), (v or {}).get("train"))
+                 for k, v in new_data["sources"].items()]
+    else:
+        pairs = [("data.train", old_data.get("train"), new_data.get("train"))]
+    found = []
+    for key, old, new in pairs:
+        if not isinstance(old, str) or not isinstance(new, str) or old.startswith("pipe:") or new.startswith("pipe:"):
+            continue
+        before, now = load_manifest(old), load_manifest(new)
+        if before is None or now is None:
+            found.append(f"{key}: the checkpoint's {old} has no manifest.json to compare" if before is None else "")
+            continue
+        a = {s["shard"]: s.get("sha256") for s in before.get("shards", [])}
+        b = {s["shard"]: s.get("sha256") for s in now.get("shards", [])}
+        differ = sorted(n for n in a.keys() & b.keys() if a[n] != b[n])
+        what = [f"{len(differ)} of {len(a)} shards with other contents ({', '.join(differ[:3])}"
+                f"{', ...' if len(differ) > 3 else ''})"] if differ else []
+        for label, names in (("only in the checkpoint's", a.keys() - b.keys()), ("only in this run's", b.keys() - a.keys())):
+            if names:
+                what.append(f"{len(names)} shards {label} ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})")
+        settings = sorted(k for k in set(before.get("policy", {})) | set(now.get("policy", {}))
+                          if before.get("policy", {}).get(k) != now.get("policy", {}).get(k))
+        settings += [k for k in ("codec", "text_encoder") if before.get(k) != now.get(k)]
+        if settings:
+            what.append(f"encoded with other settings ({', '.join(settings)})")
+        if what:
+            found.append(f"{key}: {old} -> {new}: {'; '.join(what)}")
+    return "; ".join(f for f in found if f)

@@ -141,17 +141,20 @@ class PackedStream(IterableDataset):
         clock = 0.0 if source is None else self.clock_at(source, epoch, slot, num_slots, key)
         base = 0.0 if source is None else self.position.base.get(source.name, 0.0) / num_slots
         while spec.epochs is None or epoch < spec.epochs:
-            reads, usable, last_reason = 0, 0, None
+            reads, usable, last_reason, held, visited, resumed_past = 0, 0, None, 0, 0, False
             for j, shard in enumerate(permutation(n_shards, spec.seed, *key, epoch)):
                 shard = int(shard)
                 if j % num_slots != slot:
                     continue
                 shard_start = clock
                 clock += 0.0 if source is None else source.shard_tokens[shard]
+                visited += 1
                 if pos.shard_done(epoch, shard):
+                    resumed_past = True
                     continue
                 url, seen = urls[shard], pos.consumed_in(epoch, shard)
                 raws = read_shard(url, skip)
+                held += len(raws)
                 order = [int(r) for r in permutation(len(raws), spec.seed, *key, epoch, shard)]
                 within = self.clocks_within(source, shard, [raws[r] for r in order]) if source else None
                 for idx, r in enumerate(order):
@@ -169,6 +172,12 @@ class PackedStream(IterableDataset):
                     usable += 1
                     yield (0.0 if source is None else (shard_start + within[idx] - base) / source.weight), item
                 pending["ended"].append(tag(epoch, shard, len(raws)))
+            if visited and not held and not resumed_past:  # shards of no samples (an encode where every clip failed)
+                where = "" if source is None else f" of source {source.name!r}"
+                raise NoUsableSamples(f"this reader's shards{where} hold no samples (data-parallel rank "
+                                      f"{self.dp_rank}: {', '.join(urls[int(s)] for s in permutation(n_shards, spec.seed, *key, epoch)[slot::num_slots][:3])}"
+                                      f"); an encode where every clip failed writes such shards (its failures.jsonl "
+                                      f"says why)")
             if reads and not usable:  # endless epochs of nothing: fail now, with the reason, instead of spinning
                 where = "" if source is None else f" of source {source.name!r}"
                 raise NoUsableSamples(f"none of the {reads} samples of epoch {epoch}{where} in this reader's shards "
@@ -188,7 +197,7 @@ class PackedStream(IterableDataset):
         its manifest token count (clocks stay increasing from shard to shard)."""
         limit = min(self.spec.seq_len, source.max_tokens or self.spec.seq_len)
         total, n = source.shard_tokens[shard], max(len(raws), 1)
-        sizes = [sample_tokens(r, self.spec.patch, limit, total / n) for r in raws]
+        sizes = [sample_tokens(r, self.spec.patch, limit, total / n, source.max_frames) for r in raws]
         scale, out, at = total / max(sum(sizes), 1e-9), [], 0.0
         for size in sizes:
             out.append(at * scale)

@@ -150,8 +150,10 @@ class DataPosition:
     """The loader as a checkpoint part: the global stream position, every data-parallel rank's view merged (the
     members of a sequence-parallel group hold the same view; their first one speaks). Collective."""
 
-    def __init__(self, loader, sp_rank: int, world: int, source: str = "data"):
+    def __init__(self, loader, sp_rank: int, world: int, source: str = "data", data_config: dict | None = None):
         self.loader, self.sp_rank, self.world, self.source = loader, sp_rank, world, source
+        self.data_config = data_config or {}  # this run's data.*: a refused resume says what differs from the saved one
+        self.saved_data_config: dict = {}  # the checkpoint's data.*, set by the CheckpointManager before loading
 
     def state_dict(self) -> dict:
         from ..data.mixture import position_from_state_dict
@@ -164,10 +166,18 @@ class DataPosition:
     def load_state_dict(self, state: dict) -> None:
         from ..preflight import ConfigError
 
+        from ..data.shards import dataset_changes
+
         try:  # another dataset or data.seed than the checkpoint's: a config error, not a traceback
             self.loader.load_state_dict(state)
         except ValueError as e:
-            raise ConfigError(f"{self.source}: {e}") from e
+            changes = dataset_changes(self.saved_data_config, self.data_config) if "another dataset" in str(e) else ""
+            raise ConfigError(prefixed(self.source, f"{e}" + (f". What differs: {changes}" if changes else ""))) from e
+
+
+def prefixed(what: str, message: str) -> str:
+    """`what: message`, unless the message already names `what` (data.sources.x: ... under data.sources)."""
+    return message if message.startswith(what.split("=")[0]) else f"{what}: {message}"
 
 
 def universal_dir(step_dir: Path) -> Path:
@@ -221,6 +231,8 @@ class CheckpointManager:
         step_dir = Path(step_dir)
         meta = self.read_meta(step_dir)
         for name, part in self.parts.items():
+            if hasattr(part, "saved_data_config"):
+                part.saved_data_config = meta.get("config", {}).get("data", {})
             if hasattr(part, "load_state_dict"):
                 part.load_state_dict(json.loads((step_dir / f"{name}.json").read_text()))
             else:

@@ -30,7 +30,12 @@ def find_parent(path: str | Path) -> SavedWeights:
 def lineage(parent: SavedWeights) -> list[dict]:
     """The parent, then its own ancestors: where a stage's weights came from."""
     cfg = parent.meta.get("config", {})
-    return [{"init_from": str(parent.path), "step": parent.meta.get("step"), "out_dir": cfg.get("out_dir"),
+    path = Path(parent.path).resolve()
+    # Both absolute: the parent's own out_dir is relative to wherever it was launched; its checkpoints' place is
+    # <out_dir>/checkpoints/step_N unless checkpoint.dir put them elsewhere.
+    out_dir = path.parent.parent if not parent.is_export and path.parent.name == "checkpoints" else \
+        Path(cfg.get("out_dir") or ".").resolve()
+    return [{"init_from": str(path), "step": parent.meta.get("step"), "out_dir": str(out_dir),
              "wandb_id": parent.meta.get("wandb_id")}, *parent.meta.get("lineage", [])]
 
 
@@ -77,6 +82,22 @@ def load_weights(module: torch.nn.Module, parent: SavedWeights, rank: int) -> No
             p.copy_(state[name].to(p.dtype))
 
 
+def check_optimizer_source(cfg, parent: SavedWeights, world: int) -> None:
+    """init_from.optimizer=true needs a checkpoint of the same optimizer, ZeRO stage and world size: refused before
+    the run takes its directory (a refusal there left a lock, a config and an empty checkpoints/ behind)."""
+    if not cfg.init_from.optimizer:
+        return
+    old = parent.meta["config"]
+    problem = ("it is an export (no optimizer state)" if parent.is_export else
+               f"it was saved on {parent.meta['world_size']} ranks, this run has {world}"
+               if parent.meta["world_size"] != world else
+               f"its optimizer is {old['optim'].get('name', 'adamw')}" if old["optim"].get("name", "adamw") !=
+               cfg.optim.name else f"its ZeRO stage is {old['parallel']['zero_stage']}"
+               if old["parallel"]["zero_stage"] != cfg.parallel.zero_stage else None)
+    if problem:
+        raise ConfigError(f"init_from.optimizer=true: cannot take the optimizer state of {parent.path}: {problem}")
+
+
 def start_stage(cfg, parent: SavedWeights, engine, ema, changed: list[str], dims) -> None:
     """After the engine is built with the parent's weights: the parent's EMA, its optimizer state when asked, and
     a line saying where the stage starts from."""
@@ -85,16 +106,7 @@ def start_stage(cfg, parent: SavedWeights, engine, ema, changed: list[str], dims
         ema.load_full(parent.ema().__getitem__)
     elif from_ema:  # a checkpoint's per-rank shards, from any world size
         ema.load(parent.path)
-    if cfg.init_from.optimizer:
-        old = parent.meta["config"]
-        problem = ("it is an export (no optimizer state)" if parent.is_export else
-                   f"it was saved on {parent.meta['world_size']} ranks, this run has {dims.world_size}"
-                   if parent.meta["world_size"] != dims.world_size else
-                   f"its optimizer is {old['optim'].get('name', 'adamw')}" if old["optim"].get("name", "adamw") !=
-                   cfg.optim.name else f"its ZeRO stage is {old['parallel']['zero_stage']}"
-                   if old["parallel"]["zero_stage"] != cfg.parallel.zero_stage else None)
-        if problem:
-            raise ConfigError(f"init_from.optimizer=true: cannot take the optimizer state of {parent.path}: {problem}")
+    if cfg.init_from.optimizer:  # check_optimizer_source allowed it before any work
         path, _ = engine.load_checkpoint(str(parent.path.parent), tag=parent.path.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
         if path is None:

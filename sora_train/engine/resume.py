@@ -9,16 +9,26 @@ from omegaconf import OmegaConf
 
 from ..config import saved_model_config, to_container
 from ..preflight import ConfigError
-from .checkpoint import find_latest
+from .checkpoint import find_latest, is_complete
 
 
 def resume_point(cfg, ckpt_root: Path) -> Path | None:
-    """checkpoint.resume: never | auto (the newest complete step directory, if any) | a path."""
+    """checkpoint.resume: never | auto (the newest complete step directory, if any) | a path: a step directory, or
+    a checkpoints directory for its newest (as init_from, sora-export and sora-sample take one)."""
     if cfg.checkpoint.resume == "never":
         return None
     if cfg.checkpoint.resume == "auto":
         return find_latest(ckpt_root)
-    return Path(cfg.checkpoint.resume)
+    path = Path(cfg.checkpoint.resume)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume={path}: no such directory")
+    if is_complete(path):
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise ConfigError(f"checkpoint.resume={path}: neither a complete step directory nor a checkpoints directory "
+                          f"holding one")
+    return latest
 
 
 def refuse_incompatible_resume(cfg, meta: dict, src: Path, world: int | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,8 +188,13 @@ def run(cfg) -> dict:
     from ..models import DiT
     from .pipeline import load_pipeline
 
+    from ..preflight import check_known_keys
+
+    check_known_keys(cfg)
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r}: use {', '.join(TASKS)}")
+    if cfg.prompts not in PROMPT_STYLES:
+        raise ValueError(f"prompts={cfg.prompts!r}: use {', '.join(PROMPT_STYLES)}")
     pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device)
     sampler = pipe.sampler(cfg.sampler)  # refused before any work
     if cfg.untrained:  # the same architecture at initialisation: the floor to compare against
@@ -237,7 +243,12 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
     def entry(cfg):
-        report = run(cfg)
+        from ..preflight import ConfigError
+
+        try:
+            report = run(cfg)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            sys.exit(f"eval error: {e}")
         for k, v in report["results"].items():
             print(k, "  ".join(f"{a}={x:.2f}" for a, x in v.items() if x is not None))
         print(f"report and contact sheets in {cfg.out_dir}")

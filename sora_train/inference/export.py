@@ -85,6 +85,12 @@ def fp32_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def export(step_dir: str | Path, out_dir: str | Path) -> Path:
     step_dir, out = Path(step_dir), Path(out_dir)
     if not is_complete(step_dir):
@@ -104,6 +110,10 @@ def export(step_dir: str | Path, out_dir: str | Path) -> Path:
             save_file(consolidated_ema(step_dir), str(tmp / "ema.safetensors"))
         meta = json.loads((step_dir / "meta.json").read_text())
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        # safetensors creates its files 0600; an export is shared like the meta.json beside it (the umask's mode).
+        mode = 0o666 & ~umask()
+        for f in tmp.glob("*.safetensors"):
+            f.chmod(mode)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,6 +4,7 @@ the dataset manifest; each built once, at first use)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,6 +16,7 @@ import torch
 from ..codecs import codec_from_manifest_name
 from ..config import model_args, saved_model_config
 from ..diffusion import DDPMConfig, DiffusionConfig, FlowConfig, build_objective, check_sampler
+from ..diffusion.conditioning import KINDS
 from ..models import DiT, DiTArgs
 from .export import SavedWeights
 from .generate import GivenFrames, generate_latents, latent_grid, to_frames
@@ -52,6 +54,7 @@ class Pipeline:
     sp: int = 1  # the sequence-parallel degree the forward shards over: rows are padded to a multiple of it
     meta: dict = field(default_factory=dict)  # the checkpoint's
     model: torch.nn.Module | None = None  # the DiT behind `forward`, when that is one module on one device
+    _warned_given: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         if not self.text_encoder_name and "text_encoder" not in self.manifest:
@@ -106,11 +109,22 @@ class Pipeline:
         video = TF.center_crop(video, [height, width]).float() / 127.5 - 1.0
         return self.codec.encode(video.permute(1, 0, 2, 3)[None].to(self.device))[0].cpu()
 
+    def warn_if_not_trained_for_given_frames(self) -> None:
+        """Once per pipeline: frames can be given to any checkpoint (they are kept exactly), but one trained without
+        frame conditioning (every diffusion.condition share 0) never learnt to continue them."""
+        condition = self.meta.get("config", {}).get("diffusion", {}).get("condition", {})
+        if self.meta and not any(condition.get(kind, 0) for kind in KINDS) and not self._warned_given:
+            self._warned_given = True
+            print("warning: this checkpoint was trained without frame conditioning (every diffusion.condition share "
+                  "is 0): the given frames are kept, but the model was not trained to continue them; train with "
+                  "e.g. diffusion.condition.first=0.2 for image-to-video", file=sys.stderr, flush=True)
+
     def given_frames(self, frames: int, height: int, width: int, first: np.ndarray | None = None,
                      last: np.ndarray | None = None) -> GivenFrames:
         """Frames kept as given: `first` (an image or clip, uint8 [T,H,W,3]) opens the output, `last` closes it
         (image-to-video: first=image; extension forwards: first=the video's end; backwards: last=its start;
         interpolation: both)."""
+        self.warn_if_not_trained_for_given_frames()
         grid = latent_grid(self.codec, self.args.patch_size, frames, height, width)
         pt, parts, at = self.args.patch_size[0], [], []
         for clip, end in ((first, False), (last, True)):

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import CONF_DIR
 from ..config import register
-from ..video_io import read_video
+from ..video_io import VideoReadError, read_video
 from .generate import GivenFrames, write_videos
 from .pipeline import load_pipeline
 
@@ -22,13 +22,23 @@ register()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def read_frames_of(path: str, first: int | None = None, last: int | None = None) -> np.ndarray:
-    """An image (one frame) or a video's frames (only its `first` n or `last` n, decoding no more), uint8 [T,H,W,3]."""
+def read_frames_of(key: str, path: str, first: int | None = None, last: int | None = None) -> np.ndarray:
+    """An image (one frame) or a video's frames (only its `first` n or `last` n, decoding no more), uint8 [T,H,W,3],
+    writable (torch.from_numpy warns on a read-only array). `key`: the option that named the file, for errors."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file")
     if Path(path).suffix.lower() in IMAGE_SUFFIXES:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        return np.asarray(Image.open(path).convert("RGB"))[None]
-    return read_video(path, first, last)[0]
+        try:
+            return np.array(Image.open(path).convert("RGB"))[None]
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{key}={path}: not an image that can be read ({e})") from None
+    try:
+        frames = read_video(path, first, last)[0]
+    except VideoReadError as e:
+        raise ValueError(f"{key}={path}: not a video that can be read ({e})") from None
+    return frames if frames.flags.writeable else frames.copy()
 
 
 def given_frames(cfg, pipe) -> GivenFrames | None:
@@ -40,22 +50,29 @@ def given_frames(cfg, pipe) -> GivenFrames | None:
         raise ValueError(f"give one of image=, video= or first=/last=, not {' and '.join(k + '=' for k in asked)}")
     first = last = None
     if cfg.image:
-        first = read_frames_of(cfg.image, first=1)
+        first = read_frames_of("image", cfg.image, first=1)
     if cfg.video:
         if cfg.extend not in ("forward", "backward"):
             raise ValueError(f"extend={cfg.extend!r}: use forward or backward")
         if cfg.extend == "forward":  # the clip's end opens the output
-            first = read_frames_of(cfg.video, last=cfg.context_frames)
+            first = read_frames_of("video", cfg.video, last=cfg.context_frames)
         else:  # its start closes it
-            last = read_frames_of(cfg.video, first=cfg.context_frames)
+            last = read_frames_of("video", cfg.video, first=cfg.context_frames)
+        got = len(first if first is not None else last)
+        if got < cfg.context_frames:
+            print(f"warning: video={cfg.video} has {got} frame(s), fewer than context_frames={cfg.context_frames}: "
+                  f"all {got} are given", file=sys.stderr, flush=True)
     if cfg.first:
-        first = read_frames_of(cfg.first, last=1)
+        first = read_frames_of("first", cfg.first, last=1)
     if cfg.last:
-        last = read_frames_of(cfg.last, first=1)
+        last = read_frames_of("last", cfg.last, first=1)
     return pipe.given_frames(cfg.frames, cfg.height, cfg.width, first, last)
 
 
 def run(cfg) -> list[Path]:
+    from ..preflight import check_known_keys
+
+    check_known_keys(cfg)
     pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device, cfg.text_encoder)
     prompts = list(cfg.prompts)
     if cfg.upsample:  # the files keep the user's prompts' names; prompts.jsonl records both

@@ -14,6 +14,10 @@ def upsample(prompts: list[str], model_dir: str, template: str = TEMPLATE, max_n
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pathlib import Path
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"upsample={model_dir}: not a local transformers model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     tok.padding_side = "left"  # generation continues the right end of every row
