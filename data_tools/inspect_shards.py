@@ -30,10 +30,15 @@ def mix_report(mix: list[str], rows: int, seq_len: int, text_len: int, patch: tu
 
     nodes = {}
     for item in mix:
-        name, rest = item.split("=", 1)
+        name, eq, rest = item.partition("=")
         path, _, weight = rest.rpartition(":")
-        nodes[name] = {"train": path, "weight": float(weight)}
-    sources = sources_of(OmegaConf.create(nodes))
+        try:
+            if not (eq and name and path):
+                raise ValueError
+            nodes[name] = {"train": path, "weight": float(weight)}
+        except ValueError:
+            raise ValueError(f"--mix {item}: give NAME=SHARDS:WEIGHT, e.g. clips=data/clips:0.7") from None
+    sources = sources_of(OmegaConf.create(nodes))  # missing shards, negative or all-zero weights: ValueError
     m = load_manifest(sources[0].urls[0].rsplit("/", 1)[0])
     spec = StreamSpec(seq_len, text_len, 1, max_per_row, lookahead, 0, None, 0.0, "crop_time", patch,
                       m["codec"]["latent_channels"], m["text_encoder"]["width"])
@@ -64,8 +69,11 @@ def main(argv=None) -> None:
     p.add_argument("--patch-size", default="1,2,2", help="--mix: the model's (t,h,w) patch")
     a = p.parse_args(argv)
     if a.mix:
-        report = mix_report(a.mix, a.rows, a.seq_len, a.text_len, tuple(int(v) for v in a.patch_size.split(",")),
-                            a.lookahead, a.max_per_row)
+        try:
+            report = mix_report(a.mix, a.rows, a.seq_len, a.text_len, tuple(int(v) for v in a.patch_size.split(",")),
+                                a.lookahead, a.max_per_row)
+        except (FileNotFoundError, ValueError) as e:
+            p.exit(2, f"sora-inspect: {e}\n")
         print(json.dumps(report, indent=1))
         return
     if not a.source:

@@ -120,6 +120,23 @@ def test_sora_inspect_reports_a_mixtures_token_shares_and_packing_without_traini
     assert 0.85 < report["packing_efficiency"] <= 1.0
 
 
+@pytest.mark.parametrize("arg, message", [
+    ("a=/no/such/shards:1", "shard source '/no/such/shards' is not a directory"),
+    ("a={short}", "--mix a=.*: give NAME=SHARDS:WEIGHT"),
+    ("a={short}:-1", r"data.sources.a.weight=-1.0: weights are >= 0"),
+    ("a={short}:0", "every weight is 0"),
+])
+def test_sora_inspect_refuses_a_bad_mix_in_one_line(three, capsys, arg, message):
+    import re
+
+    from data_tools.inspect_shards import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--mix", arg.format(short=three["short"])])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_mixture_continues_the_uninterrupted_stream_exactly(three, workers):
     weights = {"short": 0.5, "long": 0.3, "mid": 0.2}
