@@ -38,6 +38,7 @@ from .engine.validate import Validator
 from .inference import Pipeline
 from .models import DiT
 from .models.flops import device_peak_tflops, train_flops
+from .models.routing import RouteLayout, route_layout
 from .parallel import full_rows, init_distributed, parallelize, shard_sequence
 from .parallel import env as dist_env
 from .parallel.collectives import all_reduce_values
@@ -74,9 +75,10 @@ class Trainer:
         self.state.step = value
 
     # -- one micro-batch ------------------------------------------------------------------------
-    def forward_backward(self, batch, micro: int) -> tuple[torch.Tensor, bool]:
-        """Returns (loss, finite). The generator key is the micro-batch's index in the global batch, so
-        DP=2 and one process accumulating 2 micro-batches draw the same noise for the same data."""
+    def forward_backward(self, batch, micro: int) -> tuple[torch.Tensor, bool, RouteLayout | None]:
+        """Returns (loss, finite, the routed span's layout or None). The generator key is the micro-batch's index
+        in the global batch, so DP=2 and one process accumulating 2 micro-batches draw the same noise for the same
+        data."""
         d, o, condition = self.dims, self.cfg.optim, self.condition
         gen = step_generator(self.cfg.seed, self.step, d.dp_rank * o.grad_accum + micro)
         t = self.objective.sample_t(batch.grids.prod(-1), gen)  # [R,M] on the host
@@ -86,7 +88,8 @@ class Trainer:
         given = draw_given(condition, batch.pos, batch.seg, batch.grids, gen) if condition.enabled else None
         if given is not None:  # conditioning frames: clean, at t = 0 in the model, no loss
             x_t = torch.where(given.to(self.device)[..., None], tokens, x_t)
-        loss, errors, loss_seg = self.loss(x_t, t, target, batch, given=given)
+        route = route_layout(self.args.route, batch.tokens, batch.pos, batch.seg, gen, d.sp)  # drawn last: routing off draws nothing
+        loss, errors, loss_seg = self.loss(x_t, t, target, batch, given=given, route=route)
         finite = all_reduce_values(torch.isfinite(loss.detach()), self.device, "min")[0]  # every rank: one branch
         if finite:
             self.source_losses.add(errors, loss_seg, batch)
@@ -94,17 +97,19 @@ class Trainer:
             # Drop this micro-batch but keep every rank's collectives in lockstep: backward a zero
             # multiple of the loss on sanitised inputs (finite weights -> exactly zero gradients).
             clean = lambda v: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731
-            loss = self.loss(clean(x_t), t, clean(target), batch, clean(batch.text), given)[0] * 0.0
+            loss = self.loss(clean(x_t), t, clean(target), batch, clean(batch.text), given, route)[0] * 0.0
         self.engine.backward(loss)
-        return loss.detach(), bool(finite)
+        return loss.detach(), bool(finite), route
 
-    def loss(self, x_t, t, target, batch, text=None, given=None):
+    def loss(self, x_t, t, target, batch, text=None, given=None, route=None):
         """This SP rank's part of the micro-batch's loss (the parts sum to the full rows' mean over the tokens
         that carry loss: given ones do not), its tokens' errors, and which of its tokens carry loss."""
         shard = lambda x: shard_sequence(x, self.dims.sp_rank, self.dims.sp).to(self.device)  # noqa: E731
         seg, x_local = shard(batch.seg), shard(x_t)
         text = batch.text if text is None else text
         kw = {} if given is None else {"given": shard(given)}
+        if route is not None:  # this rank's chunk of the span's tokens
+            kw["route"] = route.chunk(self.dims.sp_rank).to(self.device)
         pred = self.engine(x_local.to(self.dtype), t.to(self.device, self.dtype), shard(batch.pos), seg,
                            text.to(self.device, self.dtype), batch.text_seg.to(self.device), extent=shard(batch.extent),
                            **kw)
@@ -116,26 +121,30 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------
     def train_step(self, batches) -> dict:
-        losses, all_finite = [], True
+        losses, all_finite, routed, tokens = [], True, 0, 0
         clock = self.meter.clock
         for micro in range(self.cfg.optim.grad_accum):
             t0 = clock.now()
             batch = next(batches)
             t1 = clock.now()
-            loss, finite = self.forward_backward(batch, micro)
+            loss, finite, route = self.forward_backward(batch, micro)
             t2 = clock.now()
             grad_norm = self.engine_step(micro)
             self.meter.add_phases(t0, t1, t2, clock.now())
             all_finite &= finite
             losses.append(loss.float())
+            tokens += batch.real_tokens
             self.sample_ids.record(self.step + 1, batch)
+            # FLOPs: the span's blocks on the tokens that ran them (MFU is work done); tokens: every real one
             self.meter.add(batch.real_tokens, sum(len(k) for k in batch.keys),
-                           train_flops(self.args, batch.seg, batch.text_seg) / self.dims.sp)
+                           train_flops(self.args, batch.seg, batch.text_seg, None if route is None else route.seg) / self.dims.sp)
+            if route is not None:
+                routed += batch.real_tokens - int((route.seg > 0).sum())
         if self.ema is not None:
             self.ema.update(self.step)
         loss = all_reduce_values(torch.stack(losses).mean(), self.device)[0]  # SP: parts of one mean; DP: averaged
         return {"loss": loss / self.dims.dp, **learning_rates(self.engine.optimizer.param_groups), "finite": all_finite,
-                "grad_norm": float(grad_norm or 0.0)}
+                "grad_norm": float(grad_norm or 0.0), **({"routed": routed / max(tokens, 1)} if routed else {})}
 
     def engine_step(self, micro: int) -> float | None:
         """The gradient norm before clipping at the accumulation boundary, else None."""

@@ -35,11 +35,12 @@ def runs(dataset, tmp_path_factory):
     five, three, muon = ["optim.steps=5"], ["optim.steps=3", "optim.grad_accum=1"], ["optim.name=muon", "optim.grad_clip=0"]
     small_buckets = ["parallel.stage3_prefetch_bucket_size=1000", "parallel.stage3_max_live_parameters=1000"]
     attention_ac = "parallel.activation_checkpointing=attention"
+    route = ["model.route.share=0.5", "model.route.start=1", "model.route.end=2"]  # the second of 2 blocks
     cond = ["diffusion.condition.first=0.4", "diffusion.condition.first_last=0.3", "diffusion.condition.random=0.2"]
     return {
         **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
-                single_cond=[*three, *cond], single_attention_ac=[*three, attention_ac],
+                single_cond=[*three, *cond], single_route=[*three, *route], single_attention_ac=[*three, attention_ac],
                 single_elementwise_ac=[*three, "parallel.activation_checkpointing=elementwise"],
                 single_first_block_ac=[*three, "parallel.activation_checkpointing=full",
                                        "parallel.checkpoint_blocks=1"],
@@ -51,7 +52,9 @@ def runs(dataset, tmp_path_factory):
                 sp2_attention_ac=[*three, "parallel.sp=2", attention_ac],
                 sp2_elementwise_ac=[*three, "parallel.sp=2", "parallel.activation_checkpointing=elementwise"],
                 sp2_stage0=[*three, "parallel.sp=2", "parallel.zero_stage=0"],
-                sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"]),
+                sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"],
+                sp2_route=[*three, "parallel.sp=2", *route, "parallel.activation_checkpointing=elementwise"],
+                ring2_route=[*three, "parallel.sp=2", "parallel.ring=2", *route]),
         **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"],
                 usp=[*three, "parallel.sp=4", "parallel.ring=2"],
                 dp2ring2=[*five, "optim.grad_accum=1", "parallel.sp=2", "parallel.ring=2"]),
@@ -182,6 +185,20 @@ def test_sequence_parallel_sp2_matches_sp1_with_frame_conditioning(runs):
     """Given frames (clean, their own t = 0 slot, no loss) shard with the rows like every other token."""
     a, b = runs["single_cond"], runs["sp2_cond"]
     assert a["loss"] != runs["single_ga1"]["loss"]  # the conditioning changed what was trained
+    assert_close(b["loss"], a["loss"])
+    assert_close(b["grad_norm"], a["grad_norm"])
+    for name in a["grads_step1"]:
+        assert_close(b["grads_step1"][name], a["grads_step1"][name], atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["sp2_route", "ring2_route"])
+def test_sequence_parallel_matches_sp1_with_routing(runs, layout):
+    """model.route: each SP rank routes its own chunk's tokens and keeps the same count (filler to the most any
+    chunk keeps), so the all-to-alls and the ring's gather keep their sizes; a sample's kept tokens then come in
+    one run per chunk. Ulysses (with the elementwise checkpointing policy) and the ring: one process's losses and
+    gradients."""
+    a, b = runs["single_route"], runs[layout]
+    assert a["loss"] != runs["single_ga1"]["loss"]  # routing changed what was trained
     assert_close(b["loss"], a["loss"])
     assert_close(b["grad_norm"], a["grad_norm"])
     for name in a["grads_step1"]:

@@ -109,6 +109,18 @@ def varlen_lengths(seg_q: torch.Tensor, seg_k: torch.Tensor, max_segments: int) 
     return torch.cat([lq, pq], 1).flatten(), torch.cat([lk, pk], 1).flatten()
 
 
+def segment_order(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where a row's tokens are not one run per segment in ascending order with padding last (a routed span's
+    rows under sequence parallelism: models/routing.py), the permutation of the flattened [B*S] tokens that makes
+    them so (stable: a segment's tokens keep their order) and its inverse; None where every row already is."""
+    key = torch.where(seg > 0, seg, torch.iinfo(seg.dtype).max)
+    if bool((key[:, 1:] >= key[:, :-1]).all()):
+        return None
+    B, S = seg.shape
+    order = (torch.argsort(key, dim=1, stable=True) + torch.arange(B, device=seg.device)[:, None] * S).flatten()
+    return order, torch.argsort(order)
+
+
 class VarlenAttention(AttentionBackend):
     """Attention over the packed rows as one batch of variable-length sequences (cu_seqlens): no
     masked work at all. Kernel, best first: flash-attn's `flash_attn_varlen_func` (the optional CUDA
@@ -173,23 +185,33 @@ class VarlenAttention(AttentionBackend):
         mean_tokens = float(samples.sum() / (samples > 0).sum().clamp(min=1))
         max_q, max_k = lengths.max(1).values.tolist()
         return {"lengths": lengths, "cu_q": cu(lq), "cu_k": cu(lk), "max_q": max_q, "max_k": max_k,
-                "one_at_a_time": not self.named and mean_tokens >= self.LONG_SAMPLE_TOKENS}
+                "one_at_a_time": not self.named and mean_tokens >= self.LONG_SAMPLE_TOKENS,
+                "order_q": segment_order(seg_q), "order_k": segment_order(seg_k)}
 
     def forward(self, q, k, v, mask):
         B, Sq, H, D = q.shape
         qf, kf, vf = q.reshape(-1, H, D), k.reshape(-1, H, D), v.reshape(-1, H, D)
-        kernel = self.kernel_for(q.device, q.dtype, mask, D)
+        if mask.get("order_q") is not None or mask.get("order_k") is not None:  # rows in runs: sorted, attended, back
+            order_q, order_k = mask["order_q"], mask["order_k"]
+            if order_q is not None:
+                qf = qf[order_q[0]]
+            if order_k is not None:
+                kf, vf = kf[order_k[0]], vf[order_k[0]]
+            out = self._attend(qf, kf, vf, mask, q.device, q.dtype, D)
+            return (out if order_q is None else out[order_q[1]]).reshape(B, Sq, H, D)
+        return self._attend(qf, kf, vf, mask, q.device, q.dtype, D).reshape(B, Sq, H, D)
+
+    def _attend(self, qf, kf, vf, mask, device, dtype, D):
+        kernel = self.kernel_for(device, dtype, mask, D)
         if kernel == "flash_attn":
-            out = self._flash_attn_varlen(qf, kf, vf, mask)
-        elif kernel == "torch_varlen":  # a custom op of torch's: one node in a compiled graph
-            out = self._torch_varlen(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
-        elif torch.compiler.is_compiling():
+            return self._flash_attn_varlen(qf, kf, vf, mask)
+        if kernel == "torch_varlen":  # a custom op of torch's: one node in a compiled graph
+            return self._torch_varlen(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
+        if torch.compiler.is_compiling():
             # Traced, the loop below would specialise the graph on the row's lengths (a recompile per packed
             # layout); the op is one node whatever the layout (models/packed_attention.py).
-            out = packed_attention(qf, kf, vf, mask["lengths"])[0]
-        else:  # eager: SDPA's own autograd, the path every measured eager row took
-            out = self._sdpa_per_sequence(qf, kf, vf, mask)
-        return out.reshape(B, Sq, H, D)
+            return packed_attention(qf, kf, vf, mask["lengths"])[0]
+        return self._sdpa_per_sequence(qf, kf, vf, mask)  # eager: SDPA's own autograd, every measured eager row's
 
     # flash-attn's package is left out of compiled graphs (not measured traced): a compiled block with it breaks
     # its graph here, and a checkpointed one runs eager.

@@ -7,13 +7,14 @@ Pure PyTorch: no process groups, no DeepSpeed. Parallelism is applied from outsi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import build_attention
+from .routing import RouteArgs, RouteLayout, gather_tokens, scatter_tokens
 from .layers import CrossAttention, FractionalPositions, Linear, Mlp, RoPE3D, SelfAttention, TimestepEmbedder, modulate
 
 
@@ -41,6 +42,7 @@ class DiTArgs:
     max_segments: int = 64  # samples per packed row (varlen backend)
     freq_dim: int = 256
     eps: float = 1e-6
+    route: RouteArgs = field(default_factory=RouteArgs)  # training only: tokens that skip blocks (routing.py)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)  # the config hands a list
@@ -56,6 +58,7 @@ class DiTArgs:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
         if (self.dim // self.heads) % 2 or self.dim // self.heads < 6:
             raise ValueError(f"head dim {self.dim // self.heads} must be even and >= 6 for 3D RoPE")
+        self.route.validate(self.depth)
 
 
 def to_tokens(per_sample: torch.Tensor, sample_of_token: torch.Tensor, onehot: bool | None = None) -> torch.Tensor:
@@ -152,10 +155,12 @@ class DiT(nn.Module):
         self.cross_attention = build_attention("sdpa" if args.attention == "flex" else args.attention,
                                                args.max_segments)
 
-    def forward(self, x, t, pos, seg, text=None, text_seg=None, extent=None, given=None):
+    def forward(self, x, t, pos, seg, text=None, text_seg=None, extent=None, given=None,
+                route: RouteLayout | None = None):
         """x [B,S,patch_dim] noisy patches; t [B,M] per-sample time in [0,1]; pos [B,S,3]; seg [B,S]
         (0 = padding); text [B,L,text_dim], text_seg [B,L]; extent [B,S,3]: the grid of each token's
-        sample (needed with frac_pos); given [B,S] bool: tokens given clean (conditioning frames).
+        sample (needed with frac_pos); given [B,S] bool: tokens given clean (conditioning frames); route: the
+        tokens that run args.route's span of blocks (training; None: every token runs every block).
         Returns [B,S,patch_dim]."""
         h = self.x_embedder(x)  # [B,S,D]
         if self.args.frac_pos:
@@ -179,8 +184,20 @@ class DiT(nn.Module):
             if self.args.pooled_text:
                 pooled = self.pooled_embedder(pool_segments(text, text_seg, M))  # [B,M,D]
                 c = c + (pooled if given is None else torch.cat([pooled, pooled], 1))
-        for block in self.blocks:
+        span = self.args.route.span(len(self.blocks)) if route is not None else range(-1, -1)  # no block is -1
+        outer = None
+        for i, block in enumerate(self.blocks):
+            if i == span.start:  # the kept tokens only, with their own segment table for every backend
+                outer = (h, sample_of_token, rope, self_mask, cross_mask)
+                h, sample_of_token = gather_tokens(h, route.index), gather_tokens(sample_of_token, route.index)
+                rope = gather_tokens(rope, route.index)
+                self_mask = self.attention.prepare(route.seg, route.seg)
+                if txt is not None:
+                    cross_mask = self.cross_attention.prepare(route.seg, text_seg)
             h = block(h, c, sample_of_token, rope, self.attention, self_mask, txt, self.cross_attention, cross_mask)
+            if i == span.stop - 1 and outer is not None:  # the routed tokens re-join as they left
+                h = scatter_tokens(outer[0], h, route)
+                _, sample_of_token, rope, self_mask, cross_mask = outer
         return self.final_layer(h, c, sample_of_token)  # [B,S,patch_dim]
 
 

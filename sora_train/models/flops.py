@@ -42,25 +42,33 @@ def slot_counts(seg: torch.Tensor, slots: int) -> torch.Tensor:
     return counts[:, 1:].flatten().double()
 
 
-def forward_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None) -> int:
-    """seg [B,S], text_seg [B,L] packed segment ids -> forward FLOPs."""
+def block_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None) -> float:
+    """One block's forward FLOPs on rows of segment ids seg [B,S] (text_seg [B,L]: their captions)."""
+    D = a.dim
+    slots = int(max(seg.max(), 0 if text_seg is None else text_seg.max())) + 1
+    n = slot_counts(seg, slots)  # tokens per sample slot
+    per_token = block_token_flops(D, a.mlp_ratio, a.cross_attention and text_seg is not None)
+    flops = per_token * float(n.sum()) + 2 * D * 6 * D * int((n > 0).sum()) + 4 * D * float((n * n).sum())  # adaLN
+    if a.cross_attention and text_seg is not None:
+        ltxt = slot_counts(text_seg, slots)
+        flops += 4 * D * float((n * ltxt).sum()) + 2 * D * 2 * D * float(ltxt.sum())  # attention; cross k, v
+    return flops
+
+
+def forward_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None,
+                  routed_seg: torch.Tensor | None = None) -> int:
+    """seg [B,S], text_seg [B,L] packed segment ids -> forward FLOPs. routed_seg: the segment ids of the tokens
+    that ran model.route's span of blocks (models/routing.py: RouteLayout.seg), whose blocks count those only."""
     D, P = a.dim, a.patch_dim
     slots = int(max(seg.max(), 0 if text_seg is None else text_seg.max())) + 1
     n = slot_counts(seg, slots)  # tokens per sample slot
     samples = int((n > 0).sum())
     N = float(n.sum())
-    per_token = block_token_flops(D, a.mlp_ratio, a.cross_attention and text_seg is not None)
-    per_sample = 2 * D * 6 * D  # adaLN modulation
-    attn = 4 * D * float((n * n).sum())
-    total_text = 0.0
-    if a.cross_attention and text_seg is not None:
-        ltxt = slot_counts(text_seg, slots)
-        total_text = float(ltxt.sum())
-        attn += 4 * D * float((n * ltxt).sum())
-        blocks_text = 2 * D * 2 * D * total_text  # cross k, v
-    else:
-        blocks_text = 0.0
-    blocks = a.depth * (per_token * N + per_sample * samples + attn + blocks_text)
+    span = len(a.route.span(a.depth)) if routed_seg is not None else 0
+    blocks = (a.depth - span) * block_flops(a, seg, text_seg)
+    if span:
+        blocks += span * block_flops(a, routed_seg, text_seg)
+    total_text = 0.0 if text_seg is None else float((text_seg > 0).sum())
     embed = 2 * P * D * N + 2 * D * P * N + samples * (2 * a.freq_dim * D + 2 * D * D + 2 * D * 2 * D)
     if a.frac_pos:  # FractionalPositions: fractions x wave vectors -> sin, cos -> D per token
         waves = FractionalPositions.num_waves(a.frac_pos_joint)
@@ -72,9 +80,9 @@ def forward_flops(a: DiTArgs, seg: torch.Tensor, text_seg: torch.Tensor | None) 
     return int(blocks + embed)
 
 
-def train_flops(a: DiTArgs, seg, text_seg) -> int:
+def train_flops(a: DiTArgs, seg, text_seg, routed_seg=None) -> int:
     """Forward + backward (2x forward); recomputation under activation checkpointing is not credited."""
-    return 3 * forward_flops(a, seg, text_seg)
+    return 3 * forward_flops(a, seg, text_seg, routed_seg)
 
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity).
