@@ -121,7 +121,11 @@ class SampleConfig:
     # Prompting with images and videos (the model must be trained with diffusion.condition): the given frames are
     # kept exactly and are part of the output, so the seam can be watched.
     image: Optional[str] = None  # a still to animate: the output's first frame
-    video: Optional[str] = None  # a clip to continue (extend=forward) or to lead into (extend=backward)
+    video: Optional[str] = None  # a clip to continue (extend=forward) or to lead into (extend=backward), or to edit
+    # Video-to-video editing (SDEdit): video= re-prompted, its first `frames` frames noised to where the last
+    # `strength` of the sampling run starts (0 < strength <= 1; 1: from noise, text-to-video)
+    strength: Optional[float] = None
+    loop: bool = False  # the output's end leads back into its start (it can play forever)
     extend: str = "forward"  # forward | backward
     context_frames: int = 4  # frames of `video` given (its last ones forwards, its first ones backwards)
     first: Optional[str] = None  # connect two clips: `first` (image or video: its last frame) opens the output,
@@ -147,7 +151,10 @@ class EvalConfig:
     device: str = "auto"  # auto: the GPU when there is one
     # t2v: from the prompt alone; i2v: from the prompt and the first frame of the synthetic world's own clip;
     # extend: from its first half (frames // 2). i2v/extend report the seam and the text-only scores beside.
+    # edit: each prompt's own clip re-prompted with one attribute changed (colour, background or shape, in turn),
+    # at each of `strength`; loop: loop=true samples' wrap seam next to plain samples'.
     task: str = "t2v"
+    strength: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0])  # task=edit
     # short: the prompts short captions make; detailed: with size, speed and place (what only detailed captions
     # say); upsampled: short, reworded by the synthetic world's template upsampler.
     prompts: str = "short"

@@ -260,3 +260,36 @@ def test_a_route_that_holds_no_block_is_refused():
     with pytest.raises(ValueError, match="model.route.select='oldest'"):
         DiTArgs(route=RouteArgs(share=0.5, select="oldest")).validate()
     DiTArgs(depth=4, route=RouteArgs(share=0.0, start=3, end=-1)).validate()  # off: the span is not read
+
+
+def test_sora_inspect_reports_the_share_of_patches_that_repeat(dataset, capsys):
+    """--redundancy: the share of latent patches whose RMS change from one latent frame to the next (over the
+    sample's RMS) is under each threshold, checked against the frames compared directly."""
+    import json
+
+    import numpy as np
+    import webdataset as wds
+
+    from data_tools.inspect_shards import main
+    from sora_train.data import list_shards, load_manifest
+    from sora_train.data.decode import decode_clip
+
+    shards = str(dataset / "shards")
+    main([shards, "--redundancy", "20", "--thresholds", "0.01,0.5"])
+    report = json.loads(capsys.readouterr().out)
+    m = load_manifest(shards)
+    changes, total = [], 0
+    for raw in list(wds.tarfile_to_samples()([{"url": u} for u in list_shards(shards)]))[:20]:
+        latent = decode_clip(raw, m["codec"]["latent_channels"], m["text_encoder"]["width"], (1, 2, 2)).latent
+        latent = latent.astype(np.float64)
+        C, T, H, W = latent.shape
+        patches = latent.reshape(C, T, H // 2, 2, W // 2, 2)
+        diff = np.sqrt(((patches[:, 1:] - patches[:, :-1]) ** 2).mean(axis=(0, 3, 5)))  # [T-1, H/2, W/2]
+        changes.append((diff / np.sqrt((latent ** 2).mean())).ravel())
+        total += T * (H // 2) * (W // 2)
+    later = np.concatenate(changes)
+    assert report["samples"] == 20 and report["tokens"] == total and report["tokens_with_an_earlier_frame"] == len(later)
+    for t in ("0.01", "0.5"):
+        assert report["below"][t]["of_later_frames"] == pytest.approx((later < float(t)).mean(), abs=1e-4)
+        assert report["below"][t]["of_all_tokens"] == pytest.approx((later < float(t)).sum() / total, abs=1e-4)
+    assert 0 < report["below"]["0.01"]["of_later_frames"] < report["below"]["0.5"]["of_later_frames"]

@@ -50,6 +50,7 @@ def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None
     from torch._dynamo.utils import counters
 
     from ..models.flops import achieved, train_flops
+    from ..models.routing import route_layout
     from .breakdown import StepPhases
 
     cfg, args, device, batches = trainer.cfg, trainer.args, trainer.device, iter(loader)
@@ -66,7 +67,10 @@ def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None
     if profile:
         write_profile(lambda: trainer.train_step(batches), device, profile)
     b = loader.batch
-    flops = train_flops(args, b.seg, b.text_seg) * cfg.optim.grad_accum / trainer.dims.sp
+    # model.route: the span's blocks counted on the tokens that ran them, as the trainer's MFU counts them
+    route = route_layout(args.route, b.tokens, b.pos, b.seg, torch.Generator().manual_seed(0), trainer.dims.sp)
+    flops = train_flops(args, b.seg, b.text_seg, None if route is None else route.seg) * cfg.optim.grad_accum \
+        / trainer.dims.sp
     params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
     kernel = kernel_name(trainer.engine.module.attention, attention, device, trainer.dtype, b.seg.to(device),
                          args.dim // args.heads)
@@ -76,6 +80,8 @@ def measure_trainer(trainer, loader, steps: int, warmup: int, peak: float | None
            "compile": cfg.parallel.compile, "float8": cfg.parallel.float8, "zero_stage": cfg.parallel.zero_stage,
            "zero3_gather": cfg.parallel.zero3_gather, "optimizer": cfg.optim.name,
            "dtype": str(trainer.dtype), **compiled,
+           **({"routed": 1 - int((route.seg > 0).sum()) / b.real_tokens, "routed_blocks": "{}-{}".format(
+               args.route.span(args.depth).start, args.route.span(args.depth).stop - 1)} if route is not None else {}),
            "step_s": dt, "tokens_per_s": b.real_tokens * cfg.optim.grad_accum / dt, **achieved(flops, dt, peak),
            "phases_s": phases.summary(steps), "device": device_name(device)}
     if device.type == "cuda":

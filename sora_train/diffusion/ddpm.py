@@ -56,13 +56,23 @@ class DDPM:
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(t)
 
-    def sample(self, predict, x, steps: int, n_tokens: int = 0, solver: str = "ddim") -> torch.Tensor:
-        """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps."""
+    def _steps(self, steps: int) -> list[int]:
+        T = self.cfg.timesteps
+        return torch.linspace(T - 1, 0, steps).round().long().tolist()
+
+    def timesteps(self, steps: int, n_tokens: int = 0) -> list[float]:
+        """The model times a `steps`-step DDIM run visits (k / T, from T - 1 down to 0): steps values."""
+        return [k / self.cfg.timesteps for k in self._steps(steps)]
+
+    def sample(self, predict, x, steps: int, n_tokens: int = 0, solver: str = "ddim", start: int = 0) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) over `steps` evenly spaced timesteps; from the `start`-th of them (an edit:
+        x is then a clip noised to timesteps(steps)[start], and the run is the full one's tail)."""
         if solver not in self.SAMPLERS:
             raise ValueError(f"DDPM sampler {solver!r}: use {' or '.join(self.SAMPLERS)}")
         T = self.cfg.timesteps
-        ks = torch.linspace(T - 1, 0, steps).round().long().tolist()
-        for i, k in enumerate(ks):
+        ks = self._steps(steps)
+        for i in range(start, len(ks)):
+            k = ks[i]
             out = predict(x, k / T)
             a, s = self.ab[k].sqrt(), (1 - self.ab[k]).sqrt()
             if self.prediction == "eps":

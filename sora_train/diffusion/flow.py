@@ -72,14 +72,16 @@ class RectifiedFlow:
         return (t / t.clamp(min=self.cfg.loss_t_floor)).pow(2)
 
     def timesteps(self, steps: int, n_tokens: int) -> list[float]:
+        """The times a `steps`-step sampling run visits, from 1 (noise) to 0 (clean): steps + 1 values."""
         ts = torch.linspace(1.0, 0.0, steps + 1)
         return shift_time(ts, self.shift_for(torch.tensor(float(n_tokens)))).tolist()
 
-    def sample(self, predict, x, steps: int, n_tokens: int, solver: str = "euler") -> torch.Tensor:
-        """predict(x, t: float) -> network output (guidance applied by the caller). x starts as noise."""
+    def sample(self, predict, x, steps: int, n_tokens: int, solver: str = "euler", start: int = 0) -> torch.Tensor:
+        """predict(x, t: float) -> network output (guidance applied by the caller). x starts as noise, or (start > 0:
+        an edit) as a clip noised to timesteps(...)[start]: the full run's schedule from there on, not a shorter one."""
         if solver not in self.SAMPLERS:
             raise ValueError(f"flow sampler {solver!r}: use {' or '.join(self.SAMPLERS)}")
-        ts = self.timesteps(steps, n_tokens)
+        ts = self.timesteps(steps, n_tokens)[start:]
         for t, t_next in zip(ts[:-1], ts[1:]):
             v = self.velocity(predict(x, t), x, t)
             if solver == "heun" and t_next > 0:

@@ -166,7 +166,8 @@ def contact_sheet(videos: list[np.ndarray], path: Path, scale: int = 3) -> None:
     Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST).save(path)
 
 
-TASKS = ("t2v", "i2v", "extend")
+TASKS = ("t2v", "i2v", "extend", "edit", "loop")
+EDITED = ("colour", "background", "shape")  # task=edit changes one of these per prompt, in turn
 
 
 def reference_clip(item: dict, frames: int, height: int, width: int) -> np.ndarray:
@@ -182,10 +183,110 @@ def seam(video: np.ndarray, real: np.ndarray, given: int) -> float:
     return float(step(video) / max(step(real), 1.0))
 
 
+def background_of(frames: np.ndarray) -> str:
+    """The named background nearest to the frame border's median colour."""
+    f = frames.astype(np.float32)
+    border = np.median(np.concatenate([f[:, 0], f[:, -1], f[:, :, 0], f[:, :, -1]], 1).reshape(-1, 3), 0)
+    return min(BACKGROUNDS, key=lambda n: np.linalg.norm(np.array(BACKGROUNDS[n], np.float32) - border))
+
+
+def centroid_track(frames: np.ndarray) -> np.ndarray:
+    """The foreground's centroid (y, x) per frame, as fractions of the frame; nan where a frame has none."""
+    masks = foreground_masks(frames)
+    size = np.array(masks.shape[1:], np.float32)
+    return np.array([np.argwhere(m).mean(0) / size if m.sum() > 3 else (np.nan, np.nan) for m in masks])
+
+
+def path_error(video: np.ndarray, source: np.ndarray) -> float:
+    """How far the edited object's path is from the source's: the mean centroid distance over the frames where
+    both have one, in fractions of the frame (1 where either has none)."""
+    d = np.linalg.norm(centroid_track(video) - centroid_track(source), axis=1)
+    return float(np.nanmean(d)) if np.isfinite(d).any() else 1.0
+
+
+def edit_prompts(items: list[dict], seed: int) -> list[dict]:
+    """Each eval prompt's source clip re-prompted with one attribute changed (EDITED, in turn), to another value."""
+    rng, out = random.Random(seed + 11), []
+    options = {"colour": COLOUR_NAMES, "background": tuple(BACKGROUNDS), "shape": SHAPES}
+    for i, it in enumerate(items):
+        attr = EDITED[i % len(EDITED)]
+        new = rng.choice([v for v in options[attr] if v != it[attr] and not (attr == "colour" and v == it["background"])
+                          and not (attr == "background" and v == it["colour"])])
+        edited = {**it, attr: new, "edited": attr, "was": it[attr]}
+        verb = "beating" if it["motion"] == "beating" else f"moving {it['motion']}"
+        edited["prompt"] = f"a {edited['colour']} {edited['shape']} {verb} on a {edited['background']} background"
+        out.append(edited)
+    return out
+
+
+def edit_scores(edits: list[dict], videos: list[np.ndarray], sources: list[np.ndarray]) -> dict:
+    """The new attribute shown (per attribute edited), the path and motion kept, the unchanged attributes kept."""
+    read = [analyse(v) for v in videos]
+    got = lambda a, attr, v: background_of(v) if attr == "background" else getattr(a, attr)  # noqa: E731
+    out = {}
+    for attr in EDITED:
+        hits = [got(a, attr, v) == e[attr] for e, a, v in zip(edits, read, videos) if e["edited"] == attr]
+        out[f"new_{attr}"] = float(np.mean(hits)) if hits else None
+    out["new"] = float(np.mean([got(a, e["edited"], v) == e[e["edited"]] for e, a, v in zip(edits, read, videos)]))
+    kept = [all(got(a, attr, v) == e[attr] for attr in EDITED if attr != e["edited"])
+            for e, a, v in zip(edits, read, videos)]
+    out["kept_others"] = float(np.mean(kept))
+    out["kept_motion"] = float(np.mean([a.motion == e["motion"] for e, a in zip(edits, read)]))
+    errors = [path_error(v, src) for v, src in zip(videos, sources)]
+    out["path_error"] = float(np.median(errors))
+    out["path_kept"] = float(np.mean([err < 0.1 for err in errors]))  # within a tenth of the frame on average
+    return out
+
+
+def wrap_seam(video: np.ndarray) -> float:
+    """The last-to-first frame change over the clip's median frame-to-frame change (~1: seamless when looped)."""
+    f = video.astype(np.float32)
+    steps = np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))
+    return float(np.abs(f[0] - f[-1]).mean() / max(np.median(steps), 1.0))
+
+
+def run_edit(cfg, pipe, items, sampler, out: Path) -> dict:
+    """task=edit: each prompt's own synthetic clip re-prompted with one attribute changed, at each strength."""
+    edits = edit_prompts(items, cfg.seed)
+    sources = [reference_clip(it, cfg.frames, cfg.height, cfg.width) for it in items]
+    results = {"source": {**score(items, [analyse(v) for v in sources]),  # the unedited clips, read back
+                          **edit_scores(edits, sources, sources)}}
+    per_prompt = {}
+    for g in cfg.guidance:
+        for strength in cfg.strength:
+            name = f"guidance_{g}_strength_{strength}"
+            videos = [pipe.generate([e["prompt"]], cfg.frames, cfg.height, cfg.width, cfg.steps, g, sampler, cfg.seed,
+                                    edit=pipe.edit(src, cfg.frames, cfg.height, cfg.width, strength))[0]
+                      for e, src in zip(edits, sources)]
+            results[name] = edit_scores(edits, videos, sources)
+            contact_sheet([np.concatenate([src, v]) for src, v in zip(sources[:12], videos[:12])],
+                          out / f"contact_sheet_edit_{name}.png")
+            per_prompt[name] = [{**e, "got": analyse(v).__dict__, "got_background": background_of(v),
+                                 "path_error": path_error(v, src)} for e, v, src in zip(edits, videos, sources)]
+    return {"results": results, "per_prompt": per_prompt}
+
+
+def run_loop(cfg, pipe, items, sampler, out: Path) -> dict:
+    """task=loop: the wrap seam of loop=true samples next to plain text-to-video samples', and both's scores."""
+    results, per_prompt = {}, {}
+    prompts = [it["prompt"] for it in items]
+    for g in cfg.guidance:
+        for kind, loop in (("plain", False), ("loop", True)):
+            name = f"guidance_{g}_{kind}"
+            videos = pipe.generate(prompts, cfg.frames, cfg.height, cfg.width, cfg.steps, g, sampler, cfg.seed,
+                                   loop=loop)
+            seams = [wrap_seam(v) for v in videos]
+            results[name] = {**score(items, [analyse(v) for v in videos]), "wrap_seam": float(np.median(seams))}
+            contact_sheet([np.concatenate([v, v[:2]]) for v in videos], out / f"contact_sheet_loop_{name}.png")
+            per_prompt[name] = [{**it, "wrap_seam": sm} for it, sm in zip(items, seams)]
+    return {"results": results, "per_prompt": per_prompt}
+
+
 def run(cfg) -> dict:
     import torch
 
     from ..models import DiT
+    from .generate import Edit
     from .pipeline import load_pipeline
 
     from ..preflight import check_known_keys
@@ -193,6 +294,11 @@ def run(cfg) -> dict:
     check_known_keys(cfg)
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r}: use {', '.join(TASKS)}")
+    if cfg.task == "edit":
+        for strength in cfg.strength:
+            Edit(None, strength).start(1)
+    if cfg.task == "loop" and cfg.frames < 2:
+        raise ValueError(f"task=loop: frames={cfg.frames}; a loop needs at least 2")
     if cfg.prompts not in PROMPT_STYLES:
         raise ValueError(f"prompts={cfg.prompts!r}: use {', '.join(PROMPT_STYLES)}")
     pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device)
@@ -207,6 +313,10 @@ def run(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(cfg.checkpoint), "untrained": cfg.untrained, "step": pipe.meta.get("step"),
               "task": cfg.task, "prompt_style": cfg.prompts, "sampler": sampler, "steps": cfg.steps, "prompts": len(items), "results": {}}
+    if cfg.task in ("edit", "loop"):
+        report.update((run_edit if cfg.task == "edit" else run_loop)(cfg, pipe, items, sampler, out))
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        return report
     given_n = {"t2v": 0, "i2v": 1, "extend": cfg.frames // 2}[cfg.task]
     for g in cfg.guidance:
         name = f"guidance_{g}"
@@ -250,7 +360,7 @@ def main() -> None:
         except (ConfigError, FileNotFoundError, ValueError) as e:
             sys.exit(f"eval error: {e}")
         for k, v in report["results"].items():
-            print(k, "  ".join(f"{a}={x:.2f}" for a, x in v.items() if x is not None))
+            print(k, "  ".join(f"{a}={x:.2f}" for a, x in v.items() if isinstance(x, float)))
         print(f"report and contact sheets in {cfg.out_dir}")
 
     entry()

@@ -77,31 +77,77 @@ class GivenFrames:
         return clean, mask
 
 
+@dataclass
+class Edit:
+    """Video-to-video editing (SDEdit, Meng et al. 2022, as Sora's report edits zero-shot): `latent` [C,T,H,W], the
+    clip at the output's size, noised to the level the last `strength` of the sampling run starts from, then
+    denoised under the prompt. strength 1 is text-to-video (from noise); towards 0 the clip comes back as it is."""
+
+    latent: torch.Tensor
+    strength: float
+
+    def start(self, steps: int) -> int:
+        """The first of the full run's `steps` steps the edit runs: the last round(strength * steps) are run."""
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"strength={self.strength}: use 0 < strength <= 1 (1: from noise, text-to-video)")
+        return steps - round(self.strength * steps)
+
+
+def roll_frames(x: torch.Tensor, shift: int, grid) -> torch.Tensor:
+    """Tokens [B,S,P] of one (t,h,w)-raster clip (its first prod(grid) tokens) rolled by `shift` latent frames."""
+    n = math.prod(grid)
+    clip = x[:, :n].unflatten(1, (grid[0], grid[1] * grid[2])).roll(shift, 1).flatten(1, 2)
+    return torch.cat([clip, x[:, n:]], 1)
+
+
 @torch.no_grad()
 def generate_latents(forward, objective, texts: list[np.ndarray], grid, patch, channels: int, text_dim: int,
                      steps: int, guidance: float, solver: str, seed: int, device, multiple: int = 1,
-                     given: GivenFrames | None = None):
+                     given: GivenFrames | None = None, edit: Edit | None = None, loop: bool = False):
     """given: frames kept as given; the model reads them clean (t = 0) and they are put back at every step, so
-    the output holds them exactly."""
-    pos, seg, text, text_seg, extent, n, S = generation_batch(texts, grid, text_dim, multiple)
-    pos, seg, text, text_seg, extent = (x.to(device) for x in (pos, seg, text, text_seg, extent))
+    the output holds them exactly. edit: a clip to re-prompt (Edit). loop: the output's end leads into its start.
+
+    How loops are made: at each call the model sees the clip rolled in time by one more latent frame than the last
+    (its output rolled back), so every frame boundary, the wrap from the last frame to the first included, lies
+    inside the clip the model denoises at most steps, and is made continuous like any other. Zero-shot: any
+    checkpoint, no frame conditioning (which would need a second pass to bridge the end to the start), and no
+    extra model calls; the price is that no frame is the clip's first for long, so a prompted motion that cannot
+    come back to where it started (moving right across the frame) is traded for continuity at the wrap."""
+    pos, seg, text, text_seg, extent = (x.to(device) for x in generation_batch(texts, grid, text_dim, multiple)[:5])
+    n, S = math.prod(grid), pos.shape[1]
     B, P = len(texts), channels * math.prod(patch)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, S, P, generator=g).to(device)
     kw, impose = {}, lambda v: v  # noqa: E731
     if given is not None:
+        if loop:
+            raise ValueError("loop=true with given frames: a loop has no first or last frame to give")
         clean, mask = (v.to(device) for v in given.tokens(grid, patch, S))
         kw["given"] = mask.expand(2 * B, S)
         impose = lambda v: torch.where(mask[None, :, None], clean[None].to(v.dtype), v)  # noqa: E731
+    start = 0
+    if edit is not None:
+        start = edit.start(steps)
+        source = GivenFrames(edit.latent, list(range(edit.latent.shape[1] // patch[0])))
+        clip = source.tokens(grid, patch, S)[0].to(device)[None].expand(B, S, P)
+        if start == steps:  # nothing left to denoise: the clip itself
+            return [unpatchify(clip[i, :n].cpu(), grid, patch, channels) for i in range(B)]
+        if start > 0:  # strength 1 starts from the noise itself: the text-to-video path, bit for bit
+            t0 = torch.tensor(objective.timesteps(steps, n)[start], device=device)
+            x = objective.corrupt(clip, x, t0)[0]
+    calls = 0
 
     def predict(x, t: float):
-        x = impose(x)
+        nonlocal calls
+        shift, calls = (calls % grid[0] if loop else 0), calls + 1
+        x = roll_frames(impose(x), shift, grid) if shift else impose(x)
         out = forward(torch.cat([x, x]), torch.full((2 * B, 1), t, device=device), pos, seg, text, text_seg,
                       extent=extent, **kw).float()
         cond, uncond = out.chunk(2)
-        return guided(cond, uncond, guidance)
+        out = guided(cond, uncond, guidance)
+        return roll_frames(out, -shift, grid) if shift else out
 
-    x0 = impose(objective.sample(predict, x, steps, n, solver))
+    x0 = impose(objective.sample(predict, x, steps, n, solver, start=start))
     return [unpatchify(x0[i, :n].cpu(), grid, patch, channels) for i in range(B)]
 
 

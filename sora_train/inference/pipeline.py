@@ -19,7 +19,7 @@ from ..diffusion import DDPMConfig, DiffusionConfig, FlowConfig, build_objective
 from ..diffusion.conditioning import KINDS
 from ..models import DiT, DiTArgs
 from .export import SavedWeights
-from .generate import GivenFrames, generate_latents, latent_grid, to_frames
+from .generate import Edit, GivenFrames, generate_latents, latent_grid, to_frames
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,15 +87,34 @@ class Pipeline:
         return name
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, steps: int, guidance: float,
-                 sampler: str | None = None, seed: int = 0, given: GivenFrames | None = None) -> list[np.ndarray]:
-        """prompts -> uint8 videos [T,H,W,3]; given: latent frames kept as given (see given_frames)."""
+                 sampler: str | None = None, seed: int = 0, given: GivenFrames | None = None, edit: Edit | None = None,
+                 loop: bool = False) -> list[np.ndarray]:
+        """prompts -> uint8 videos [T,H,W,3]; given: latent frames kept as given (see given_frames); edit: a clip
+        re-prompted (see edit); loop: the end leads into the start."""
         sampler = self.sampler(sampler)
         a = self.args
         grid = latent_grid(self.codec, a.patch_size, frames, height, width)
+        if loop and grid[0] < 2:
+            raise ValueError(f"loop=true: {frames} frame(s) make {grid[0]} latent frame; a loop needs at least 2")
         latents = generate_latents(self.forward, self.objective, self.encoder.encode(list(prompts)), grid, a.patch_size,
                                    a.in_channels, a.text_dim, steps, guidance, sampler, seed, self.device, self.sp,
-                                   given)
+                                   given, edit, loop)
         return [to_frames(self.codec, z) for z in latents]
+
+    def edit(self, clip: np.ndarray, frames: int, height: int, width: int, strength: float) -> Edit:
+        """A clip (uint8 [T,H,W,3]) to re-prompt: its first `frames` frames at the output's size (resized to cover
+        it, centre-cropped, as image= is), through the checkpoint's codec."""
+        Edit(torch.empty(0), strength).start(1)  # strength checked before any frame is encoded
+        grid = latent_grid(self.codec, self.args.patch_size, frames, height, width)
+        if len(clip) < frames:
+            fits = self.codec.info.snap_frames(len(clip), self.args.patch_size[0])
+            raise ValueError(f"the clip to edit has {len(clip)} frame(s), fewer than frames={frames}"
+                             + (f": ask for frames={fits}" if fits else ": it is shorter than one latent frame"))
+        z = self.encode_frames(clip[:frames], height, width)
+        if z.shape[1] != grid[0] * self.args.patch_size[0]:
+            raise ValueError(f"frames={frames} encode to {z.shape[1]} latent frames, not {grid[0]} patches of "
+                             f"{self.args.patch_size[0]}: ask for frames={self.codec.info.snap_frames(frames, self.args.patch_size[0])}")
+        return Edit(z, strength)
 
     def encode_frames(self, frames: np.ndarray, height: int, width: int) -> torch.Tensor:
         """uint8 [T,H,W,3] (an image is T=1) -> latent [C,T',H',W'] at the output's size (resized to cover it,

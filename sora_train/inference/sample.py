@@ -1,5 +1,5 @@
-"""sora-sample: a checkpoint (or an export) + prompts (+ an image to animate, a video to extend, or two clips to
-connect) -> mp4 and gif files on one device."""
+"""sora-sample: a checkpoint (or an export) + prompts (+ an image to animate, a video to extend or to edit, or two
+clips to connect; or a loop) -> mp4 and gif files on one device."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from .. import CONF_DIR
 from ..config import register
 from ..video_io import VideoReadError, read_video
-from .generate import GivenFrames, write_videos
+from .generate import Edit, GivenFrames, write_videos
 from .pipeline import load_pipeline
 
 register()
@@ -41,9 +41,22 @@ def read_frames_of(key: str, path: str, first: int | None = None, last: int | No
     return frames if frames.flags.writeable else frames.copy()
 
 
+def edit_of(cfg, pipe) -> Edit | None:
+    """video= with strength= -> the clip to re-prompt (video-to-video editing)."""
+    if cfg.strength is None:
+        return None
+    if not cfg.video:
+        raise ValueError("strength= edits a clip: give it as video=")
+    others = [k + "=" for k in ("image", "first", "last") if cfg[k]]
+    if others:
+        raise ValueError(f"video= with strength= edits the whole clip: {' and '.join(others)} cannot be given too")
+    return pipe.edit(read_frames_of("video", cfg.video, first=cfg.frames), cfg.frames, cfg.height, cfg.width,
+                     cfg.strength)
+
+
 def given_frames(cfg, pipe) -> GivenFrames | None:
     """image= | video= with extend= | first= and/or last= -> the frames the sampler keeps."""
-    asked = [k for k in ("image", "video", "first", "last") if cfg[k]]
+    asked = [k for k in ("image", "video", "first", "last") if cfg[k] and not (k == "video" and cfg.strength is not None)]
     if not asked:
         return None
     if len(asked) > 1 and set(asked) != {"first", "last"}:
@@ -69,10 +82,22 @@ def given_frames(cfg, pipe) -> GivenFrames | None:
     return pipe.given_frames(cfg.frames, cfg.height, cfg.width, first, last)
 
 
+def check_inputs(cfg) -> None:
+    """The prompting options' combinations, refused before any weights or files are read."""
+    given = [k + "=" for k in ("image", "first", "last") if cfg[k]] + (["video="] if cfg.video and cfg.strength is None
+                                                                      else [])
+    if cfg.loop and given:
+        raise ValueError(f"loop=true with given frames ({' and '.join(given)}): a loop has no first or last frame to "
+                         f"give (loop=true with video= strength= loops an edit)")
+    if cfg.strength is not None:
+        Edit(None, cfg.strength).start(1)
+
+
 def run(cfg) -> list[Path]:
     from ..preflight import check_known_keys
 
     check_known_keys(cfg)
+    check_inputs(cfg)
     pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device, cfg.text_encoder)
     prompts = list(cfg.prompts)
     if cfg.upsample:  # the files keep the user's prompts' names; prompts.jsonl records both
@@ -85,7 +110,7 @@ def run(cfg) -> list[Path]:
                 print(f"prompt: {p}\n  upsampled: {r}")
                 f.write(json.dumps({"prompt": p, "upsampled": r, "upsampler": Path(cfg.upsample).name}) + "\n")
     videos = pipe.generate(rewritten if cfg.upsample else prompts, cfg.frames, cfg.height, cfg.width, cfg.steps,
-                           cfg.guidance, cfg.sampler, cfg.seed, given_frames(cfg, pipe))
+                           cfg.guidance, cfg.sampler, cfg.seed, given_frames(cfg, pipe), edit_of(cfg, pipe), cfg.loop)
     gifs = write_videos(Path(cfg.out_dir), prompts, videos, cfg.fps)
     for g in gifs:
         print(f"wrote {g.with_suffix('.mp4')} and {g}")
