@@ -88,7 +88,8 @@ class Trainer:
         given = draw_given(condition, batch.pos, batch.seg, batch.grids, gen) if condition.enabled else None
         if given is not None:  # conditioning frames: clean, at t = 0 in the model, no loss
             x_t = torch.where(given.to(self.device)[..., None], tokens, x_t)
-        route = route_layout(self.args.route, batch.tokens, batch.pos, batch.seg, gen, d.sp)  # drawn last: routing off draws nothing
+        # drawn last, and only when routing is on: the step's noise, t and given frames are the same either way
+        route = route_layout(self.args.route, batch.tokens, batch.pos, batch.seg, gen, d.sp)
         loss, errors, loss_seg = self.loss(x_t, t, target, batch, given=given, route=route)
         finite = all_reduce_values(torch.isfinite(loss.detach()), self.device, "min")[0]  # every rank: one branch
         if finite:
@@ -136,8 +137,8 @@ class Trainer:
             tokens += batch.real_tokens
             self.sample_ids.record(self.step + 1, batch)
             # FLOPs: the span's blocks on the tokens that ran them (MFU is work done); tokens: every real one
-            self.meter.add(batch.real_tokens, sum(len(k) for k in batch.keys),
-                           train_flops(self.args, batch.seg, batch.text_seg, None if route is None else route.seg) / self.dims.sp)
+            flops = train_flops(self.args, batch.seg, batch.text_seg, None if route is None else route.seg)
+            self.meter.add(batch.real_tokens, sum(len(k) for k in batch.keys), flops / self.dims.sp)
             if route is not None:
                 routed += batch.real_tokens - int((route.seg > 0).sum())
         if self.ema is not None:

@@ -154,12 +154,13 @@ def test_eval_scores_image_to_video_and_extension_beside_text_only(straight_run,
     assert (tmp_path / f"contact_sheet_{task}_guidance_2.0.png").stat().st_size > 0
 
 
-def test_a_conditioned_run_resumes_exactly(dataset, tmp_path):
-    """The given frames are drawn from the step's keyed generator, like the noise: a run stopped at step 2 and
-    resumed trains steps 3-4 as a straight run does."""
+def test_a_conditioned_and_routed_run_resumes_exactly(dataset, tmp_path):
+    """The given frames and the routed tokens (model.route) are drawn from the step's keyed generator, like the
+    noise: a run stopped at step 2 and resumed trains steps 3-4 as a straight run does."""
     from distributed import step_losses, tiny_model, torchrun
 
-    cond = {"diffusion.condition.first": 0.5, "diffusion.condition.last": 0.3, "checkpoint.every": 2}
+    cond = {"diffusion.condition.first": 0.5, "diffusion.condition.last": 0.3, "checkpoint.every": 2,
+            "model.route.share": 0.5, "model.route.start": 1, "model.route.end": 2}
     torchrun(1, ["-m", "sora_train.train", *tiny_model(dataset / "shards", tmp_path / "straight",
                                                        **{**cond, "optim.steps": 4})])
     for steps in (2, 4):

@@ -98,7 +98,9 @@ def compiled_runs(dataset, tmp_path_factory):
                     for ac in COMPILED_AC})
 
 
-COMPILED_AC = ("none", "full", "selective", "elementwise", "attention")
+# Under ZeRO-3 through the trainer; every policy compiled is also checked on the model alone (tests/test_model.py:
+# test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says)
+COMPILED_AC = ("none", "full", "elementwise")
 
 
 @pytest.mark.parametrize("ac", COMPILED_AC)
@@ -478,17 +480,20 @@ def test_trainer_hands_collectives_only_tensors_built_on_the_training_device(dat
 
 def test_3b_preset_builds_under_zero3_in_under_half_the_model_per_rank(tmp_path):
     """Under deepspeed.zero.Init every module initialises and partitions its own parameters as it is built: 4 ranks
-    build the 3B preset (13.3 GB of fp32) each holding a quarter, with the peak host memory of each rank while
-    building under half of the whole model, and the adaLN-Zero / output weights exactly zero once gathered.
+    build the 3B preset at 8 of its 28 blocks (0.98B parameters, 3.9 GB of fp32; the whole preset, 13.3 GB, took
+    94 s of the suite) each holding a quarter, with the peak host memory of each rank while building under half of the whole
+    model, and the adaLN-Zero / output weights exactly zero once gathered.
     (Built whole on each host, XL alone took 3.99 GiB per rank: tests/dist/zero_init_build.py with stage 0.)"""
     out = tmp_path / "build.json"
-    torchrun(4, [str(ROOT / "tests" / "dist" / "zero_init_build.py"), str(out), "3", "model=3B"], timeout=400)
+    torchrun(4, [str(ROOT / "tests" / "dist" / "zero_init_build.py"), str(out), "3", "model=3B", "model.depth=8"],
+             timeout=400)
     reports = json.loads(out.read_text())
     full_bytes = reports[0]["total"] * 4
-    assert reports[0]["total"] > 3e9
+    assert reports[0]["total"] > 9e8  # parameters: 8 blocks of the 3B preset and its embedders
     for r in reports:
         assert r["held"] * 4 == pytest.approx(r["total"], rel=1e-3), r  # a quarter each (padding aside)
-        assert r["peak_after"] < full_bytes / 2, (r, full_bytes)
+        # what building added to the rank's peak (its imports hold ~0.7 GB before): a whole model would add it all
+        assert r["peak_after"] - r["peak_before"] < full_bytes / 2, (r, full_bytes)
         assert r["closed"] is True, r
 
 

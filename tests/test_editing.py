@@ -132,32 +132,40 @@ def test_sora_eval_scores_edits_and_loops(straight_run, tmp_path):
 
 
 def test_edit_and_loop_inputs_that_cannot_be_used_are_refused_in_one_line(straight_run, tmp_path):
+    """Each refusal is one line before anything is written; from the command line it is `sample error: ...`, no
+    traceback (one subprocess: the rest call the entry's run(), whose ValueError main() prints)."""
     import subprocess
     import sys
 
+    from omegaconf import OmegaConf
+
     from distributed import ROOT, env
+    from sora_train.config import SampleConfig
+    from sora_train.inference.sample import run
     from test_videos import write_video
 
     write_video(tmp_path / "clip.mp4", np.full((5, 32, 32, 3), 90, np.uint8))
-    ckpt = f"checkpoint={straight_run / 'checkpoints'}"
+    clip, missing = str(tmp_path / "clip.mp4"), str(tmp_path / "nope.mp4")
 
-    def sample(*args):
-        r = subprocess.run([sys.executable, "-m", "sora_train.inference.sample", ckpt, f"out_dir={tmp_path / 'v'}",
-                            "frames=8", "height=32", "width=32", "steps=2", "device=cpu", *args], cwd=ROOT, env=env(),
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-        return r.stderr.strip().splitlines()[-1]
+    def refusal(**kw):
+        cfg = OmegaConf.structured(SampleConfig(checkpoint=str(straight_run / "checkpoints"),
+                                                out_dir=str(tmp_path / "v"), frames=8, height=32, width=32, steps=2,
+                                                device="cpu"))
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            run(OmegaConf.merge(cfg, kw))
+        return str(e.value)
 
-    assert sample(f"video={tmp_path / 'clip.mp4'}", "strength=1.5") == \
-        "sample error: strength=1.5: use 0 < strength <= 1 (1: from noise, text-to-video)"
-    assert sample(f"video={tmp_path / 'clip.mp4'}", "strength=0") .startswith("sample error: strength=0.0: use 0 <")
-    assert sample("strength=0.5") == "sample error: strength= edits a clip: give it as video="
-    assert sample(f"video={tmp_path / 'nope.mp4'}", "strength=0.5") == \
-        f"sample error: video={tmp_path / 'nope.mp4'}: no such file"
-    assert sample(f"video={tmp_path / 'clip.mp4'}", "strength=0.5") == \
-        "sample error: the clip to edit has 5 frame(s), fewer than frames=8: ask for frames=5"
-    assert sample(f"image={tmp_path / 'clip.mp4'}", "loop=true").startswith(
-        "sample error: loop=true with given frames (image=): a loop has no first or last frame to give")
-    assert sample("loop=true", "frames=1") == \
-        "sample error: loop=true: 1 frame(s) make 1 latent frame; a loop needs at least 2"
+    assert refusal(video=clip, strength=0.0).startswith("strength=0.0: use 0 < strength <= 1")
+    assert refusal(strength=0.5) == "strength= edits a clip: give it as video="
+    assert refusal(video=missing, strength=0.5) == f"video={missing}: no such file"
+    assert refusal(video=clip, strength=0.5) == "the clip to edit has 5 frame(s), fewer than frames=8: ask for frames=5"
+    assert refusal(image=clip, loop=True).startswith(
+        "loop=true with given frames (image=): a loop has no first or last frame to give")
+    assert refusal(loop=True, frames=1) == "loop=true: 1 frame(s) make 1 latent frame; a loop needs at least 2"
     assert not (tmp_path / "v").exists()  # nothing written
+    r = subprocess.run([sys.executable, "-m", "sora_train.inference.sample", f"checkpoint={straight_run / 'checkpoints'}",
+                        f"out_dir={tmp_path / 'v'}", f"video={clip}", "strength=1.5"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == \
+        "sample error: strength=1.5: use 0 < strength <= 1 (1: from noise, text-to-video)"

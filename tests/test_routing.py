@@ -223,8 +223,8 @@ def test_flops_count_the_span_on_the_tokens_that_ran_it():
 
 def test_compiled_blocks_take_routed_spans_of_changing_size_without_recompiling_each_step():
     """parallel.compile: the span's rows change size every step (K, the most kept tokens of any chunk). The blocks
-    compile for the full rows and for the span, then once more with the span's size dynamic, and no more: the
-    same outputs as eager over 6 steps."""
+    compile for the full rows, then once more with the size dynamic, and no more: the same outputs and gradients
+    as eager over 4 steps of 3 or more span sizes."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -237,7 +237,7 @@ def test_compiled_blocks_take_routed_spans_of_changing_size_without_recompiling_
     torch._dynamo.reset()
     counters.clear()
     graphs, sizes = [], set()
-    for step in range(6):
+    for step in range(4):
         inputs = batch(seed=step)
         x, _, pos, seg, *_ = inputs
         layout = route_layout(dataclasses.replace(args.route, share=0.3 + 0.05 * step), x, pos, seg,
@@ -248,12 +248,12 @@ def test_compiled_blocks_take_routed_spans_of_changing_size_without_recompiling_
         for name in grads_a:
             torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert len(sizes) >= 4 and graphs[-1] == graphs[2], (sizes, graphs)
+    assert len(sizes) >= 3 and graphs[-1] == graphs[1], (sizes, graphs)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
 def test_a_route_that_holds_no_block_is_refused():
-    with pytest.raises(ValueError, match="model.route.start=3 model.route.end=-1: the span .* holds none of the 4 blocks"):
+    with pytest.raises(ValueError, match="model.route.start=3 model.route.end=-1: the span .* none of the 4 blocks"):
         DiTArgs(depth=4, route=RouteArgs(share=0.5, start=3, end=-1)).validate()
     with pytest.raises(ValueError, match=r"model.route.share=1.0"):
         DiTArgs(route=RouteArgs(share=1.0)).validate()
@@ -288,7 +288,8 @@ def test_sora_inspect_reports_the_share_of_patches_that_repeat(dataset, capsys):
         changes.append((diff / np.sqrt((latent ** 2).mean())).ravel())
         total += T * (H // 2) * (W // 2)
     later = np.concatenate(changes)
-    assert report["samples"] == 20 and report["tokens"] == total and report["tokens_with_an_earlier_frame"] == len(later)
+    assert report["samples"] == 20 and report["tokens"] == total
+    assert report["tokens_with_an_earlier_frame"] == len(later)
     for t in ("0.01", "0.5"):
         assert report["below"][t]["of_later_frames"] == pytest.approx((later < float(t)).mean(), abs=1e-4)
         assert report["below"][t]["of_all_tokens"] == pytest.approx((later < float(t)).sum() / total, abs=1e-4)

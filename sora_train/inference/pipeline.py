@@ -112,8 +112,9 @@ class Pipeline:
                              + (f": ask for frames={fits}" if fits else ": it is shorter than one latent frame"))
         z = self.encode_frames(clip[:frames], height, width)
         if z.shape[1] != grid[0] * self.args.patch_size[0]:
+            fits = self.codec.info.snap_frames(frames, self.args.patch_size[0])
             raise ValueError(f"frames={frames} encode to {z.shape[1]} latent frames, not {grid[0]} patches of "
-                             f"{self.args.patch_size[0]}: ask for frames={self.codec.info.snap_frames(frames, self.args.patch_size[0])}")
+                             f"{self.args.patch_size[0]}: ask for frames={fits}")
         return Edit(z, strength)
 
     def encode_frames(self, frames: np.ndarray, height: int, width: int) -> torch.Tensor:

@@ -56,7 +56,8 @@ def edit_of(cfg, pipe) -> Edit | None:
 
 def given_frames(cfg, pipe) -> GivenFrames | None:
     """image= | video= with extend= | first= and/or last= -> the frames the sampler keeps."""
-    asked = [k for k in ("image", "video", "first", "last") if cfg[k] and not (k == "video" and cfg.strength is not None)]
+    editing = cfg.strength is not None  # then video= is the clip to edit (edit_of), not given frames
+    asked = [k for k in ("image", "video", "first", "last") if cfg[k] and not (k == "video" and editing)]
     if not asked:
         return None
     if len(asked) > 1 and set(asked) != {"first", "last"}:
