@@ -62,6 +62,21 @@ class WandbConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """FVD, FID and CLIPScore against held-out real clips (inference/metrics.py): sora-eval task=metrics, and
+    logging.metrics during training. Each network from a local path; a metric whose network is null is skipped."""
+
+    fvd_network: Optional[str] = None  # StyleGAN-V's i3d_torchscript.pt, or a transformers video model folder
+    fid_network: Optional[str] = None  # a torchvision Inception-v3 state dict, or a transformers image model folder
+    clip_network: Optional[str] = None  # a transformers CLIP model folder (with its tokenizer)
+    real: Optional[str] = None  # held-out shards or a captions.jsonl of videos; in training, default data.val
+    clips: int = 256  # the first N usable clips of `real`, in order
+    size: Optional[list[int]] = None  # [frames, height, width] for every sample; null: each clip's own
+    batch: int = 8  # samples per generation call
+    videos: int = 4  # in training: samples logged as videos beside the figures
+
+
+@dataclass
 class LoggingConfig:
     every: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -74,6 +89,10 @@ class LoggingConfig:
     val_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     peak_tflops: Optional[float] = None  # device dense bf16 peak; default from a table of known devices
     sample_ids: bool = False  # write <out_dir>/sample_ids/dp<rank>.jsonl: which samples each step trained on
+    # FVD/FID/CLIPScore of the EMA weights every N steps (0: never) on `metrics.clips` clips of metrics.real
+    # (default data.val), generated over all ranks; logged as metrics/* with their cost (metrics/time_share).
+    metrics_every: int = 0
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 @dataclass
@@ -152,12 +171,14 @@ class EvalConfig:
     # t2v: from the prompt alone; i2v: from the prompt and the first frame of the synthetic world's own clip;
     # extend: from its first half (frames // 2). i2v/extend report the seam and the text-only scores beside.
     # edit: each prompt's own clip re-prompted with one attribute changed (colour, background or shape, in turn),
-    # at each of `strength`; loop: loop=true samples' wrap seam next to plain samples'.
+    # at each of `strength`; loop: loop=true samples' wrap seam next to plain samples'. metrics: FVD, FID and
+    # CLIPScore on held-out real clips (metrics.real, metrics.*_network), with the real set's halves as the floor.
     task: str = "t2v"
     strength: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0])  # task=edit
     # short: the prompts short captions make; detailed: with size, speed and place (what only detailed captions
     # say); upsampled: short, reworded by the synthetic world's template upsampler.
     prompts: str = "short"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # task=metrics: the networks and held-out clips
 
 
 def register() -> None:

@@ -42,6 +42,8 @@ RANGES = {"optim.steps": (1, None), "optim.grad_accum": (1, None), "optim.warmup
           "data.caption_dropout": (0.0, 1.0), "data.max_bad_fraction": (0.0, 1.0), "checkpoint.every": (0, None),
           "checkpoint.keep_last": (1, None), "ema.decay": (0.0, 1.0), "logging.every": (0, None),
           "logging.val_every": (0, None), "logging.sample_every": (0, None), "logging.val_batches": (1, None),
+          "logging.metrics_every": (0, None), "logging.metrics.clips": (2, None), "logging.metrics.batch": (1, None),
+          "logging.metrics.videos": (0, None),
           "watchdog_s": (1.0, None), "parallel.timeout_s": (1.0, None), "parallel.checkpoint_blocks": (-1, None)}
 
 
@@ -71,6 +73,26 @@ def check_values(cfg) -> None:
         raise ConfigError("device=cuda but no CUDA device is visible here (torch.cuda.is_available() is False); "
                           "use device=cpu or device=auto")
     check_float8(cfg)
+    check_metrics(cfg)
+
+
+def check_metrics(cfg) -> None:
+    """logging.metrics_every: the held-out clips and the feature networks named exist (the networks are loaded, and
+    refused by kind, when the run is built; a wrong path should not wait for that)."""
+    if not cfg.logging.metrics_every:
+        return
+    m = cfg.logging.metrics
+    if not (m.real or cfg.data.val):
+        raise ConfigError("logging.metrics_every: no held-out clips: set data.val or logging.metrics.real")
+    if not (m.fvd_network or m.fid_network or m.clip_network):
+        raise ConfigError("logging.metrics_every: no feature network: set logging.metrics.fvd_network, "
+                          "logging.metrics.fid_network and/or logging.metrics.clip_network")
+    for key in ("fvd_network", "fid_network", "clip_network"):
+        path = m[key]
+        if path and not Path(path).expanduser().exists():
+            raise ConfigError(f"logging.metrics.{key}={path}: no such file or folder")
+    if m.size is not None and len(m.size) != 3:
+        raise ConfigError(f"logging.metrics.size={list(m.size)}: use [frames, height, width] or null")
 
 
 def check_float8(cfg) -> None:

@@ -32,6 +32,7 @@ from .engine.optim import learning_rates, optimizer_step
 from .engine.preemption import StopRequested, exit_after_save
 from .engine.resume import prepare_resume
 from .engine.run_dir import RunDirInUse, RunLock
+from .engine.quality import QualityMetrics
 from .engine.samples import TrainingSamples
 from .engine.source_losses import SourceLosses
 from .engine.validate import Validator
@@ -50,9 +51,10 @@ register()
 
 class Trainer:
     def __init__(self, cfg, dims, engine, ema, objective, ckpt: CheckpointManager, logger, loader,
-                 validator: Validator, samples: TrainingSamples, device: torch.device):
+                 validator: Validator, samples: TrainingSamples, device: torch.device, quality: QualityMetrics):
         self.cfg, self.dims, self.engine, self.ema, self.objective = cfg, dims, engine, ema, objective
         self.ckpt, self.logger, self.loader, self.validator, self.samples = ckpt, logger, loader, validator, samples
+        self.quality = quality
         self.device, self.state = device, ckpt.train_state  # step, skipped steps, W&B id: checkpointed
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         self.args = model_args(cfg.model)
@@ -173,6 +175,8 @@ class Trainer:
                 self.logger.log(self.step, self.validator.validate())
             if self.samples.should_sample(self.step):
                 self.samples.write(self.step)
+            if self.quality.should_measure(self.step):
+                self.logger.log(self.step, self.quality.measure(self.step))
             stop = self.stop.agreed(self.device)
             if self.ckpt.should_save(self.step, total) or stop:
                 self.ckpt.save(self.step)
@@ -253,10 +257,11 @@ def build(cfg, loader=None) -> Trainer:
     forward = full_rows(engine.module, dims, dtype)
     objective = build_objective(cfg.diffusion)
     pipeline = Pipeline(forward, args, cfg.diffusion, manifest, device, sp=dims.sp) \
-        if manifest is not None and cfg.logging.sample_prompts else None
+        if manifest is not None and (cfg.logging.sample_prompts or cfg.logging.metrics_every) else None
     validator, samples = Validator(cfg, dims, objective, forward, device), TrainingSamples(cfg, pipeline, logger,
                                                                                           dims.is_main)
-    trainer = Trainer(cfg, dims, engine, ema, objective, ckpt, logger, loader, validator, samples, device)
+    quality = QualityMetrics(cfg, dims, pipeline, ema, logger, device)
+    trainer = Trainer(cfg, dims, engine, ema, objective, ckpt, logger, loader, validator, samples, device, quality)
     trainer.lock = lock
     return trainer
 

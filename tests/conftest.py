@@ -29,12 +29,28 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def straight_run(dataset, tmp_path_factory):
-    """10 steps of RESUMABLE without interruption; returns its out_dir."""
+def metric_networks(tmp_path_factory):
+    """Tiny random FVD (I3D TorchScript), FID (ViT) and CLIP networks: a MetricsConfig's *_network keys."""
+    import feature_nets
+
+    return feature_nets.networks(tmp_path_factory.mktemp("networks"))
+
+
+def training_metrics(networks: dict, shards) -> dict:
+    """straight_run's logging.metrics: 6 held-out clips in batches of 2 (test_metrics.py compares it with sora-eval)."""
+    return {**networks, "real": str(shards), "clips": 6, "batch": 2}
+
+
+@pytest.fixture(scope="session")
+def straight_run(dataset, metric_networks, tmp_path_factory):
+    """10 steps of RESUMABLE without interruption, measuring FVD/FID/CLIPScore at steps 5 and 10 (the runs that
+    must match it do not: the measurement leaves training as it was); returns its out_dir."""
     from distributed import RESUMABLE, tiny_model, torchrun
 
     out = tmp_path_factory.mktemp("straight") / "run"
-    torchrun(2, ["-m", "sora_train.train", *tiny_model(dataset / "shards", out, **RESUMABLE, **{"optim.steps": 10})])
+    metrics = {f"logging.metrics.{k}": v for k, v in training_metrics(metric_networks, dataset / "shards").items()}
+    torchrun(2, ["-m", "sora_train.train", *tiny_model(dataset / "shards", out, **RESUMABLE, **{"optim.steps": 10},
+                                                       **{"logging.metrics_every": 5}, **metrics)])
     return out
 
 

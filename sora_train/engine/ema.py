@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +46,39 @@ class EMA:
         for n, p in self.params.items():
             self.shadow[n].lerp_(_local(p).float(), 1 - d)
 
+    @contextmanager
+    def applied(self):
+        """The EMA weights in the model inside the block, the trained ones back after it, bit for bit (sampling and
+        metrics with the EMA weights during training). Each rank writes its own shard; a ZeRO-3 parameter held whole
+        as well (a persistent one, below stage3_param_persistence_threshold, which forwards never re-gather from the
+        shards) also gets its whole EMA, gathered (a collective: every rank calls this)."""
+        saved = {}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                local = _local(p)
+                whole = self.partitioned and p.data.numel() == _numel(p)
+                saved[n] = (local.clone(), p.data.clone() if whole else None)
+                local.copy_(self.shadow[n].view_as(local))
+                if whole:
+                    p.data.copy_(self.gathered(n).view_as(p.data))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    _local(p).copy_(saved[n][0])
+                    if saved[n][1] is not None:
+                        p.data.copy_(saved[n][1])
+
+    def gathered(self, name: str) -> torch.Tensor:
+        """One parameter's whole EMA (a collective under ZeRO-3: every rank must call it)."""
+        shard, p = self.shadow[name], self.params[name]
+        if not self.partitioned:
+            return shard.clone()
+        parts = [torch.empty_like(shard) for _ in range(self.world)]
+        dist.all_gather(parts, shard)
+        return torch.cat(parts)[: _numel(p)].view(_shape(p)).clone()
+
     # -- a checkpoint part: ema/rank00000.safetensors (+ layout.json written by rank 0) -----------
     def save(self, step_dir: Path) -> None:
         d = Path(step_dir) / "ema"
@@ -78,13 +112,4 @@ class EMA:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Consolidated EMA weights (a collective under ZeRO-3: every rank must call it)."""
-        out = {}
-        for n, shard in self.shadow.items():
-            p = self.params[n]
-            if self.partitioned:
-                parts = [torch.empty_like(shard) for _ in range(self.world)]
-                dist.all_gather(parts, shard)
-                out[n] = torch.cat(parts)[: _numel(p)].view(_shape(p)).clone()
-            else:
-                out[n] = shard.clone()
-        return out
+        return {n: self.gathered(n) for n in self.shadow}

@@ -116,11 +116,11 @@ class MetricLogger:
                  if isinstance(row.get(k), float)]
         print(f"step {step:>7} " + " ".join(shown), flush=True)
 
-    def log_videos(self, step: int, paths: list[Path], captions: list[str]) -> None:
+    def log_videos(self, step: int, paths: list[Path], captions: list[str], key: str = "samples") -> None:
         if self.enabled and self.run is not None:
             import wandb
 
-            self.run.log({"samples": [wandb.Video(str(p), caption=c, format="gif") for p, c in zip(paths, captions)]},
+            self.run.log({key: [wandb.Video(str(p), caption=c, format="gif") for p, c in zip(paths, captions)]},
                          step=step)
 
     def close(self) -> None:

@@ -166,7 +166,7 @@ def contact_sheet(videos: list[np.ndarray], path: Path, scale: int = 3) -> None:
     Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST).save(path)
 
 
-TASKS = ("t2v", "i2v", "extend", "edit", "loop")
+TASKS = ("t2v", "i2v", "extend", "edit", "loop", "metrics")
 EDITED = ("colour", "background", "shape")  # task=edit changes one of these per prompt, in turn
 
 
@@ -293,6 +293,30 @@ def run_loop(cfg, pipe, items, sampler, out: Path) -> dict:
     return {"results": results, "per_prompt": per_prompt}
 
 
+def run_metrics(cfg, pipe, metrics, sampler, out: Path) -> dict:
+    """task=metrics: FVD/FID/CLIPScore of one sample per held-out caption against the real clips, per guidance,
+    with the real set's halves as the floor (inference/metrics.py)."""
+    from .metrics import batches, bias_note, gathered, generate_rows, held_out, real_rows, share
+
+    m = cfg.metrics
+    items, skipped = held_out(m.real, m.clips, pipe.codec, m.size, "metrics.real")
+    mine = share(batches(items, m.batch), 0, 1)
+    real = gathered(real_rows(pipe.codec, metrics, mine), pipe.device, 1)  # in clip order
+    results, per_clip = {"real_halves": metrics.floor(real)}, {}
+    for g in cfg.guidance:
+        rows, kept = generate_rows(pipe, metrics, mine, cfg.steps, g, sampler, cfg.seed, keep=12)
+        rows = gathered(rows, pipe.device, 1)
+        name = f"guidance_{g}"
+        results[name] = metrics.scores(real, rows)
+        contact_sheet([np.concatenate([it.frames(pipe.codec), v]) for it, v in kept], out / f"contact_sheet_{name}.png")
+        if "clipscore" in metrics.nets:
+            per_clip[name] = [{"caption": it.caption, "where": it.where, "clipscore": float(r[-1])}
+                              for it, r in zip(items, rows)]
+    return {"results": results, "per_clip": per_clip, "clips": len(items), "skipped": skipped,
+            "sizes": [list(s) for s in sorted({it.size for it in items})], "networks": metrics.describe(),
+            "note": bias_note(len(items))}
+
+
 def run(cfg) -> dict:
     import torch
 
@@ -312,18 +336,29 @@ def run(cfg) -> dict:
         raise ValueError(f"task=loop: frames={cfg.frames}; a loop needs at least 2")
     if cfg.prompts not in PROMPT_STYLES:
         raise ValueError(f"prompts={cfg.prompts!r}: use {', '.join(PROMPT_STYLES)}")
+    metrics = None
+    if cfg.task == "metrics":  # the networks refused before any weights are loaded or samples generated
+        from .metrics import Metrics
+        from .pipeline import resolve_device
+
+        if cfg.metrics.size is not None and len(cfg.metrics.size) != 3:
+            raise ValueError(f"metrics.size={list(cfg.metrics.size)}: use [frames, height, width] or null")
+        metrics = Metrics(cfg.metrics, resolve_device(cfg.device))
     pipe = load_pipeline(cfg.checkpoint, cfg.use_ema, cfg.device)
     sampler = pipe.sampler(cfg.sampler)  # refused before any work
     if cfg.untrained:  # the same architecture at initialisation: the floor to compare against
         torch.manual_seed(0)
         pipe.forward = DiT(pipe.args).eval().to(pipe.device)
-    if cfg.prompts not in PROMPT_STYLES:
-        raise ValueError(f"prompts={cfg.prompts!r}: use {', '.join(PROMPT_STYLES)}")
-    items = eval_prompts(cfg.seed, cfg.per_pair, cfg.prompts)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(cfg.checkpoint), "untrained": cfg.untrained, "step": pipe.meta.get("step"),
-              "task": cfg.task, "prompt_style": cfg.prompts, "sampler": sampler, "steps": cfg.steps, "prompts": len(items), "results": {}}
+              "task": cfg.task, "sampler": sampler, "steps": cfg.steps}
+    if metrics is not None:
+        report.update(run_metrics(cfg, pipe, metrics, sampler, out))
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        return report
+    items = eval_prompts(cfg.seed, cfg.per_pair, cfg.prompts)
+    report.update(prompt_style=cfg.prompts, prompts=len(items), results={})
     if cfg.task in ("edit", "loop"):
         report.update((run_edit if cfg.task == "edit" else run_loop)(cfg, pipe, items, sampler, out))
         (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -370,6 +405,9 @@ def main() -> None:
             report = run(cfg)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             sys.exit(f"eval error: {e}")
+        if report["task"] == "metrics":
+            print(f"{report['clips']} held-out clips ({report['skipped']} skipped); networks and protocols in "
+                  f"report.json" + (f"; {report['note']}" if report["note"] else ""))
         for k, v in report["results"].items():
             print(k, "  ".join(f"{a}={x:.2f}" for a, x in v.items() if isinstance(x, float)))
         print(f"report and contact sheets in {cfg.out_dir}")

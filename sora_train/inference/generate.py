@@ -102,7 +102,7 @@ def roll_frames(x: torch.Tensor, shift: int, grid) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_latents(forward, objective, texts: list[np.ndarray], grid, patch, channels: int, text_dim: int,
-                     steps: int, guidance: float, solver: str, seed: int, device, multiple: int = 1,
+                     steps: int, guidance: float, solver: str, seed: int | list[int], device, multiple: int = 1,
                      given: GivenFrames | None = None, edit: Edit | None = None, loop: bool = False):
     """given: frames kept as given; the model reads them clean (t = 0) and they are put back at every step, so
     the output holds them exactly. edit: a clip to re-prompt (Edit). loop: the output's end leads into its start.
@@ -116,8 +116,10 @@ def generate_latents(forward, objective, texts: list[np.ndarray], grid, patch, c
     pos, seg, text, text_seg, extent = (x.to(device) for x in generation_batch(texts, grid, text_dim, multiple)[:5])
     n, S = math.prod(grid), pos.shape[1]
     B, P = len(texts), channels * math.prod(patch)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, S, P, generator=g).to(device)
+    if isinstance(seed, int):
+        x = torch.randn(B, S, P, generator=torch.Generator().manual_seed(seed)).to(device)
+    else:  # a seed per prompt: each sample's noise whatever else is in its batch (sharded metrics, tests/test_metrics)
+        x = torch.stack([torch.randn(S, P, generator=torch.Generator().manual_seed(s)) for s in seed]).to(device)
     kw, impose = {}, lambda v: v  # noqa: E731
     if given is not None:
         if loop:

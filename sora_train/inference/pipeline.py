@@ -87,10 +87,10 @@ class Pipeline:
         return name
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, steps: int, guidance: float,
-                 sampler: str | None = None, seed: int = 0, given: GivenFrames | None = None, edit: Edit | None = None,
-                 loop: bool = False) -> list[np.ndarray]:
+                 sampler: str | None = None, seed: int | list[int] = 0, given: GivenFrames | None = None,
+                 edit: Edit | None = None, loop: bool = False) -> list[np.ndarray]:
         """prompts -> uint8 videos [T,H,W,3]; given: latent frames kept as given (see given_frames); edit: a clip
-        re-prompted (see edit); loop: the end leads into the start."""
+        re-prompted (see edit); loop: the end leads into the start; seed: one for the batch, or one per prompt."""
         sampler = self.sampler(sampler)
         a = self.args
         grid = latent_grid(self.codec, a.patch_size, frames, height, width)

@@ -27,3 +27,21 @@ def all_reduce_values(values: Sequence[float] | torch.Tensor, device: torch.devi
         t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=OPS[op], group=group)
     return t.tolist()
+
+
+def gather_rows(rows: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
+    """Every rank's rows [n_r, D] (n_r may differ, 0 included; D the same) concatenated in rank order, on every
+    rank, on the host. all_gather needs equal shapes: each rank pads to the largest n_r, and the padding is cut."""
+    counts = [int(n) for n in all_reduce_values(_one_hot(rows.shape[0], group), device, group=group)]
+    padded = torch.zeros(max(counts), rows.shape[1], dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).cpu()
+
+
+def _one_hot(value: int, group) -> list[float]:
+    """[0, .., value, .., 0] at this rank's place in `group`: summed over it, every rank's value."""
+    out = [0.0] * dist.get_world_size(group)
+    out[dist.get_rank(group)] = float(value)
+    return out
