@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from sora_train import CONF_DIR
 from sora_train.config import register
 from sora_train.data import PackedLoader, StreamSpec
+from conftest import training_metrics
 from distributed import RESUMABLE, ROOT, step_losses, tiny_model, torchrun
 
 DRIVER = str(ROOT / "tests" / "dist" / "driver.py")
@@ -29,17 +30,20 @@ def assert_close(a, b, rtol=1e-5, atol=1e-7):
 
 
 @pytest.fixture(scope="module")
-def runs(dataset, tmp_path_factory):
+def runs(dataset, metric_networks, tmp_path_factory):
     """One process accumulating the global batch (ZeRO-3, and the quickstart's stage 0) vs ZeRO-3 DP=2, SP=2, and DP=2 x SP=2."""
     tmp, shards = tmp_path_factory.mktemp("dist"), dataset / "shards"
+    # FVD/FID/CLIPScore of the final weights (logging.metrics, generated over the ranks: sharded by DP, SP inside)
+    measured = ["logging.metrics_every=1000", "diffusion.steps=6",
+                *(f"logging.metrics.{k}={v}" for k, v in training_metrics(metric_networks, shards).items())]
     five, three, muon = ["optim.steps=5"], ["optim.steps=3", "optim.grad_accum=1"], ["optim.name=muon", "optim.grad_clip=0"]
     small_buckets = ["parallel.stage3_prefetch_bucket_size=1000", "parallel.stage3_max_live_parameters=1000"]
     attention_ac = "parallel.activation_checkpointing=attention"
     route = ["model.route.share=0.5", "model.route.start=1", "model.route.end=2"]  # the second of 2 blocks
     cond = ["diffusion.condition.first=0.4", "diffusion.condition.first_last=0.3", "diffusion.condition.random=0.2"]
     return {
-        **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
-                stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=three,
+        **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2", *measured],
+                stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=[*three, *measured],
                 single_cond=[*three, *cond], single_route=[*three, *route], single_attention_ac=[*three, attention_ac],
                 single_elementwise_ac=[*three, "parallel.activation_checkpointing=elementwise"],
                 single_first_block_ac=[*three, "parallel.activation_checkpointing=full",
@@ -47,7 +51,7 @@ def runs(dataset, tmp_path_factory):
                 muon_stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0", *muon]),
         **drive(tmp, 2, shards, dp2=[*five, "optim.grad_accum=1", *small_buckets],
                 dp2_layer_gather=[*five, "optim.grad_accum=1", "parallel.zero3_gather=module", *small_buckets],
-                muon_dp2=[*five, "optim.grad_accum=1", *muon], sp2=[*three, "parallel.sp=2"],
+                muon_dp2=[*five, "optim.grad_accum=1", *muon], sp2=[*three, "parallel.sp=2", *measured],
                 dp2_deterministic=[*five, "optim.grad_accum=1", *small_buckets, "deterministic=true"],
                 sp2_attention_ac=[*three, "parallel.sp=2", attention_ac],
                 sp2_elementwise_ac=[*three, "parallel.sp=2", "parallel.activation_checkpointing=elementwise"],
@@ -55,7 +59,7 @@ def runs(dataset, tmp_path_factory):
                 sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"],
                 sp2_route=[*three, "parallel.sp=2", *route, "parallel.activation_checkpointing=elementwise"],
                 ring2_route=[*three, "parallel.sp=2", "parallel.ring=2", *route]),
-        **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"],
+        **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2", *measured],
                 usp=[*three, "parallel.sp=4", "parallel.ring=2"],
                 dp2ring2=[*five, "optim.grad_accum=1", "parallel.sp=2", "parallel.ring=2"]),
     }
@@ -167,6 +171,16 @@ def test_sequence_parallel_sp2_matches_sp1(runs):
         assert_close(b["grads_step1"][name], a["grads_step1"][name], atol=1e-7)
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
+    assert_measured_alike(a, b)
+
+
+def assert_measured_alike(a, b):
+    """FVD/FID/CLIPScore (logging.metrics) of the same weights: generated whole on one process, and sharded (by DP,
+    SP inside: each sequence-parallel group generates its batches, its first rank sends the features)."""
+    assert set(a["quality"]) == {"metrics/fvd", "metrics/fid", "metrics/clipscore", "metrics/floor_fvd",
+                                 "metrics/floor_fid", "metrics/floor_clipscore", "metrics/clips"}
+    for k, v in a["quality"].items():
+        assert b["quality"][k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
 
 
 @pytest.mark.parametrize("layout", ["single_attention_ac", "sp2_attention_ac", "single_elementwise_ac",
@@ -249,6 +263,8 @@ def test_dp2_x_sp2_on_4_processes_matches_one_process(runs, layout):
     assert_close(b["grad_norm"], a["grad_norm"])
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
+    if "quality" in b:
+        assert_measured_alike(a, b)
 
 
 TRAIN = ["-m", "sora_train.train"]

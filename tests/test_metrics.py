@@ -151,9 +151,15 @@ def test_sora_eval_task_metrics_reports_each_metric_its_floor_and_protocol(strai
     assert (tmp_path / "contact_sheet_guidance_1.0.png").is_file()
     assert json.loads((tmp_path / "report.json").read_text())["results"] == report["results"]
 
-    # A fixed size: every sample and real clip at it.
-    cfg.metrics.size, cfg.metrics.clips = [4, 32, 32], 4
-    assert run(cfg)["sizes"] == [[4, 32, 32]]
+    # The raw videos of a captions.jsonl, at a fixed size: every sample and real clip at it (the real ones resized
+    # to cover it and centre-cropped); without a size they are refused (videos have no encoded size).
+    cfg.metrics.real, cfg.metrics.size, cfg.metrics.clips = str(dataset / "raw" / "captions.jsonl"), [4, 32, 32], 4
+    report = run(cfg)
+    assert report["sizes"] == [[4, 32, 32]] and report["clips"] == 4
+    assert report["results"]["real_halves"]["fvd"] >= 0 and "fvd" in report["results"]["guidance_1.0"]
+    cfg.metrics.size = None
+    with pytest.raises(ValueError, match=r"captions.jsonl: videos have no encoded size: set metrics.size"):
+        run(cfg)
 
 
 def test_training_metrics_over_two_ranks_equal_sora_eval_on_the_checkpoint_they_measured(straight_run, dataset,

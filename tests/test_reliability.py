@@ -176,6 +176,11 @@ def compose(*overrides):
     (["data.train=null", "+data.sources.x=/data/shards"],
      r"data.sources.x='/data/shards': a source is a mapping, e.g. \+data.sources.x='\{train: /data/shards"),
     (["+data.sources.x={train: /data/shards}"], r"not both: with data.sources, add data.train=null"),
+    (["logging.metrics_every=100", "logging.metrics.fid_network=/x.pth"], r"logging.metrics_every: no held-out clips"),
+    (["logging.metrics_every=100", "data.val=/x"], r"logging.metrics_every: no feature network: set logging.metrics"),
+    (["logging.metrics_every=100", "data.val=/x", "logging.metrics.clip_network=/models/no_clip"],
+     r"logging.metrics.clip_network=/models/no_clip: no such file or folder"),
+    (["logging.metrics.clips=1"], r"logging.metrics.clips=1: must be >= 2"),
 ])
 def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):
     from sora_train.preflight import ConfigError, preflight

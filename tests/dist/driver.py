@@ -76,6 +76,9 @@ def run(out, overrides):
         trainer.step += 1
         record["loss"].append(metrics["loss"])
         record["grad_norm"].append(metrics["grad_norm"])
+    if trainer.quality.enabled:  # logging.metrics (a collective): FVD/FID/CLIPScore of the final weights
+        record["quality"] = {k: v for k, v in trainer.quality.measure(trainer.step).items() if "seconds" not in k
+                             and "time_share" not in k}
     # ZeRO stage 0 keeps no fp32 master copy for safe_get_full_fp32_param: the module holds fp32 weights.
     params = {n: safe_get_full_fp32_param(p) if trainer.cfg.parallel.zero_stage else p.detach()
               for n, p in trainer.engine.module.named_parameters()}
