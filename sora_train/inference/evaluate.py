@@ -8,6 +8,8 @@ checked without a learned metric:
   centroid stays and the foreground area oscillates;
 - shape = from the mask's fill ratio of its bounding box and its top/bottom width profile.
 
+task=metrics scores real video instead: FVD, FID and CLIPScore against held-out clips (inference/metrics.py).
+
   sora-eval checkpoint=runs/quickstart/checkpoints out_dir=runs/quickstart/eval
 """
 
