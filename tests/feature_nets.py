@@ -75,7 +75,7 @@ def inception(path: Path) -> Path:
     from torchvision.models import inception_v3
 
     torch.manual_seed(4)
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), str(path))
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), str(path))
     return path
 
 

@@ -177,8 +177,9 @@ def test_sequence_parallel_sp2_matches_sp1(runs):
 def assert_measured_alike(a, b):
     """FVD/FID/CLIPScore (logging.metrics) of the same weights: generated whole on one process, and sharded (by DP,
     SP inside: each sequence-parallel group generates its batches, its first rank sends the features)."""
-    assert set(a["quality"]) == {"metrics/fvd", "metrics/fid", "metrics/clipscore", "metrics/floor_fvd",
-                                 "metrics/floor_fid", "metrics/floor_clipscore", "metrics/clips"}
+    assert set(a["quality"]) == {"metrics/fvd", "metrics/fid", "metrics/clipscore", "metrics/fvd_at_half",
+                                 "metrics/fid_at_half", "metrics/floor_fvd", "metrics/floor_fid",
+                                 "metrics/floor_clipscore", "metrics/clips"}
     for k, v in a["quality"].items():
         assert b["quality"][k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
 

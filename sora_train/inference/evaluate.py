@@ -309,7 +309,7 @@ def run_metrics(cfg, pipe, metrics, sampler, out: Path) -> dict:
         rows, kept = generate_rows(pipe, metrics, mine, cfg.steps, g, sampler, cfg.seed, keep=12)
         rows = gathered(rows, pipe.device, 1)
         name = f"guidance_{g}"
-        results[name] = metrics.scores(real, rows)
+        results[name] = {**metrics.scores(real, rows), **metrics.at_half(real, rows)}
         contact_sheet([np.concatenate([it.frames(pipe.codec), v]) for it, v in kept], out / f"contact_sheet_{name}.png")
         if "clipscore" in metrics.nets:
             per_clip[name] = [{"caption": it.caption, "where": it.where, "clipscore": float(r[-1])}
@@ -410,8 +410,9 @@ def main() -> None:
         if report["task"] == "metrics":
             print(f"{report['clips']} held-out clips ({report['skipped']} skipped); networks and protocols in "
                   f"report.json" + (f"; {report['note']}" if report["note"] else ""))
+        form = ".4g" if report["task"] == "metrics" else ".2f"  # distances span orders of magnitude
         for k, v in report["results"].items():
-            print(k, "  ".join(f"{a}={x:.2f}" for a, x in v.items() if isinstance(x, float)))
+            print(k, "  ".join(f"{a}={x:{form}}" for a, x in v.items() if isinstance(x, float)))
         print(f"report and contact sheets in {cfg.out_dir}")
 
     entry()
