@@ -72,7 +72,8 @@ class QualityMetrics:
             self.logger.log_videos(step, gifs, captions, key="metrics/samples")
         seconds = time.time() - start
         time_share = seconds / max(time.time() - self.since, 1e-9)
-        out.update({"metrics/seconds": seconds, "metrics/time_share": time_share, "metrics/clips": float(len(self.items))})
+        out.update({"metrics/seconds": seconds, "metrics/time_share": time_share,
+                    "metrics/clips": float(len(self.items))})
         if time_share > WARN_SHARE and not self.warned and self.dims.is_main:
             self.warned = True
             print(f"note: FVD/FID/CLIPScore took {seconds:.1f} s, {time_share:.0%} of the wall time since the last "
