@@ -42,7 +42,7 @@ def runs(dataset, metric_networks, tmp_path_factory):
     route = ["model.route.share=0.5", "model.route.start=1", "model.route.end=2"]  # the second of 2 blocks
     cond = ["diffusion.condition.first=0.4", "diffusion.condition.first_last=0.3", "diffusion.condition.random=0.2"]
     return {
-        **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2", *measured],
+        **drive(tmp, 1, shards, single_ga2=[*five, "optim.grad_accum=2"],
                 stage0_ga2=[*five, "optim.grad_accum=2", "parallel.zero_stage=0"], single_ga1=[*three, *measured],
                 single_cond=[*three, *cond], single_route=[*three, *route], single_attention_ac=[*three, attention_ac],
                 single_elementwise_ac=[*three, "parallel.activation_checkpointing=elementwise"],
@@ -59,7 +59,7 @@ def runs(dataset, metric_networks, tmp_path_factory):
                 sp2_cond=[*three, "parallel.sp=2", *cond], ring2=[*three, "parallel.sp=2", "parallel.ring=2"],
                 sp2_route=[*three, "parallel.sp=2", *route, "parallel.activation_checkpointing=elementwise"],
                 ring2_route=[*three, "parallel.sp=2", "parallel.ring=2", *route]),
-        **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2", *measured],
+        **drive(tmp, 4, shards, dp2sp2=[*five, "optim.grad_accum=1", "parallel.sp=2"],
                 usp=[*three, "parallel.sp=4", "parallel.ring=2"],
                 dp2ring2=[*five, "optim.grad_accum=1", "parallel.sp=2", "parallel.ring=2"]),
     }
@@ -103,8 +103,9 @@ def compiled_runs(dataset, tmp_path_factory):
 
 
 # Under ZeRO-3 through the trainer; every policy compiled is also checked on the model alone (tests/test_model.py:
-# test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says)
-COMPILED_AC = ("none", "full", "elementwise")
+# test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says), and elementwise under ZeRO-3 with
+# Ulysses (test_compiled_blocks_under_ulysses_are_one_graph_and_match_eager)
+COMPILED_AC = ("none", "full")
 
 
 @pytest.mark.parametrize("ac", COMPILED_AC)
@@ -175,8 +176,8 @@ def test_sequence_parallel_sp2_matches_sp1(runs):
 
 
 def assert_measured_alike(a, b):
-    """FVD/FID/CLIPScore (logging.metrics) of the same weights: generated whole on one process, and sharded (by DP,
-    SP inside: each sequence-parallel group generates its batches, its first rank sends the features)."""
+    """FVD/FID/CLIPScore (logging.metrics) of the same weights: generated on one process, and by a sequence-parallel
+    group whose first rank alone sends the features (sharding over DP ranks: tests/test_metrics.py)."""
     assert set(a["quality"]) == {"metrics/fvd", "metrics/fid", "metrics/clipscore", "metrics/fvd_at_half",
                                  "metrics/fid_at_half", "metrics/floor_fvd", "metrics/floor_fid",
                                  "metrics/floor_clipscore", "metrics/clips"}
@@ -264,8 +265,6 @@ def test_dp2_x_sp2_on_4_processes_matches_one_process(runs, layout):
     assert_close(b["grad_norm"], a["grad_norm"])
     for name in a["params"]:
         assert_close(b["params"][name], a["params"][name], atol=1e-6)
-    if "quality" in b:
-        assert_measured_alike(a, b)
 
 
 TRAIN = ["-m", "sora_train.train"]
@@ -497,16 +496,16 @@ def test_trainer_hands_collectives_only_tensors_built_on_the_training_device(dat
 
 def test_3b_preset_builds_under_zero3_in_under_half_the_model_per_rank(tmp_path):
     """Under deepspeed.zero.Init every module initialises and partitions its own parameters as it is built: 4 ranks
-    build the 3B preset at 8 of its 28 blocks (0.98B parameters, 3.9 GB of fp32; the whole preset, 13.3 GB, took
+    build the 3B preset at 4 of its 28 blocks (0.55B parameters, 2.2 GB of fp32; the whole preset, 13.3 GB, took
     94 s of the suite) each holding a quarter, with the peak host memory of each rank while building under half of the whole
     model, and the adaLN-Zero / output weights exactly zero once gathered.
     (Built whole on each host, XL alone took 3.99 GiB per rank: tests/dist/zero_init_build.py with stage 0.)"""
     out = tmp_path / "build.json"
-    torchrun(4, [str(ROOT / "tests" / "dist" / "zero_init_build.py"), str(out), "3", "model=3B", "model.depth=8"],
+    torchrun(4, [str(ROOT / "tests" / "dist" / "zero_init_build.py"), str(out), "3", "model=3B", "model.depth=4"],
              timeout=400)
     reports = json.loads(out.read_text())
     full_bytes = reports[0]["total"] * 4
-    assert reports[0]["total"] > 9e8  # parameters: 8 blocks of the 3B preset and its embedders
+    assert reports[0]["total"] > 4.5e8  # parameters: 4 blocks of the 3B preset and its embedders
     for r in reports:
         assert r["held"] * 4 == pytest.approx(r["total"], rel=1e-3), r  # a quarter each (padding aside)
         # what building added to the rank's peak (its imports hold ~0.7 GB before): a whole model would add it all

@@ -610,10 +610,16 @@ def test_elementwise_checkpointing_recomputes_no_gemm_and_no_attention():
     assert backward["elementwise"]["other"] > backward["none"]["other"]  # the elementwise work again
 
 
-def test_a_compiled_block_keeps_no_per_token_modulation_on_either_to_tokens_path(monkeypatch):
-    """CUDA's to_tokens sums its backward by a one-hot GEMM. Its forward was that GEMM too, whose [tokens, 6 dim]
-    output a compiled block kept for backward (the compiler recomputes no GEMM): 6 of the 1B preset's 31 [tokens,
-    dim] tensors per block (`sora-bench activations`). Now a gather in both: what CPU's path keeps, within indices."""
+def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says(monkeypatch):
+    """With the attention one op in the block's graph, checkpointing goes inside the compiled block and the
+    compiler applies the op policies: the same gradients as eager without checkpointing, and the tensors kept for
+    backward shrink from none to elementwise (GEMM and attention outputs) to attention to full. Policies one after
+    another in one process: each block is compiled for its own (dynamo guards on the policy's name).
+
+    And with CUDA's to_tokens (one-hot, `onehot`) a compiled block keeps no more than with CPU's: its backward sums
+    by a one-hot GEMM, and its forward was that GEMM too, whose [tokens, 6 dim] output a compiled block kept for
+    backward (the compiler recomputes no GEMM): 6 of the 1B preset's 31 [tokens, dim] tensors per block (`sora-bench
+    activations`). Now a gather in both: what CPU's path keeps, within indices."""
     import functools
 
     import sora_train.models.dit as dit
@@ -621,38 +627,23 @@ def test_a_compiled_block_keeps_no_per_token_modulation_on_either_to_tokens_path
 
     args = dataclasses.replace(ARGS, attention="varlen")
     batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
-    kept = {}
-    for onehot in (False, True):
-        monkeypatch.setattr(dit, "to_tokens", functools.partial(dit.to_tokens, onehot=onehot))
-        torch._dynamo.reset()
-        model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), "none", compile_blocks=True)
-        kept[onehot] = kept_for_backward(model, lambda: run(model, batch, t))
-        monkeypatch.undo()
-    one_tensor = batch.tokens.shape[1] * ARGS.dim * 4  # [tokens, dim] float32
-    assert abs(kept[True] - kept[False]) < one_tensor, kept
-
-
-def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says():
-    """With the attention one op in the block's graph, checkpointing goes inside the compiled block and the
-    compiler applies the op policies: the same gradients as eager without checkpointing, and the tensors kept for
-    backward shrink from none to elementwise (GEMM and attention outputs) to attention to full. Policies one after
-    another in one process: each block is compiled for its own (dynamo guards on the policy's name)."""
-    from sora_train.parallel import ParallelDims, parallelize_dit
-
-    args = dataclasses.replace(ARGS, attention="varlen")
-    batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
     torch._dynamo.reset()
     grads, kept = {}, {}
-    for policy, compiled in (("none", False), ("elementwise", True), ("attention", True), ("full", True),
-                             ("none", True)):
+    for policy, compiled, onehot in (("none", False, False), ("elementwise", True, False), ("attention", True, False),
+                                     ("full", True, False), ("none", True, False), ("none", True, True)):
+        if onehot:
+            monkeypatch.setattr(dit, "to_tokens", functools.partial(dit.to_tokens, onehot=True))
+            torch._dynamo.reset()
         model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), policy, compile_blocks=compiled)
-        kept[policy, compiled] = kept_for_backward(model, lambda: run(model, batch, t))
-        grads[policy, compiled] = [p.grad for p in model.parameters()]
+        kept[policy, compiled, onehot] = kept_for_backward(model, lambda: run(model, batch, t))
+        grads[policy, compiled, onehot] = [p.grad for p in model.parameters()]
     for key in grads:
-        for a, b in zip(grads["none", False], grads[key]):
+        for a, b in zip(grads["none", False, False], grads[key]):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    sizes = [kept[p, True] for p in ("full", "attention", "elementwise", "none")]
+    sizes = [kept[p, True, False] for p in ("full", "attention", "elementwise", "none")]
     assert sizes == sorted(set(sizes)), kept
+    one_tensor = batch.tokens.shape[1] * ARGS.dim * 4  # [tokens, dim] float32
+    assert abs(kept["none", True, True] - kept["none", True, False]) < one_tensor, kept
 
 
 def test_compiled_blocks_hold_no_complex_tensors_so_rope_fuses():

@@ -505,11 +505,17 @@ def test_compiled_muon_runs_each_matrix_shape_on_one_graph_whatever_ran_before(m
 
 
 def test_help_of_each_entry_names_its_own_options_with_defaults():
+    modules = ("sora_train.inference.sample", "sora_train.inference.evaluate", "sora_train.train", "data_tools.encode",
+               "data_tools.synthetic", "data_tools.inspect_shards", "data_tools.caption")
+    # All at once: each spends seconds importing torch, and they wait on nothing of each other's.
+    running = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for m in modules}
+    outputs = {m: p.communicate(timeout=120) + (p.returncode,) for m, p in running.items()}
+
     def helptext(module):
-        r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env(), capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return " ".join(r.stdout.split()) if module.startswith("data_tools") else r.stdout  # argparse wraps lines
+        out, err, code = outputs[module]
+        assert code == 0, err[-2000:]
+        return " ".join(out.split()) if module.startswith("data_tools") else out  # argparse wraps lines
 
     for module in ("sora_train.inference.sample", "sora_train.inference.evaluate"):
         text = helptext(module)
