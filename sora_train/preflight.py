@@ -185,6 +185,11 @@ def preflight(cfg, check_data: bool = True) -> dict | None:
     if cfg.parallel.compile and cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_gather == "module":
         raise ConfigError("parallel.compile with parallel.zero3_gather=module: ZeRO-3's per-layer hooks break the "
                           "compiled block's graph at every layer; use parallel.zero3_gather=block")
+    if cfg.parallel.compile:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.parallel.compile_backend not in backends:
+            raise ConfigError(f"parallel.compile_backend={cfg.parallel.compile_backend!r}: use one of "
+                              f"{', '.join(backends)}")
     manifest = check_data_sources(cfg, world // max(cfg.parallel.sp, 1)) if check_data else None
     out = Path(cfg.out_dir)
     try:

@@ -54,6 +54,14 @@ def straight_run(dataset, metric_networks, tmp_path_factory):
     return out
 
 
+# torch.compile's backend for the tests of what dynamo and AOTAutograd make of the model (graphs, breaks,
+# recompiles, what a block keeps for backward): inductor's decompositions and its min-cut partitioner, with eager
+# kernels instead of generated C++, which an empty cache spends ~80% of such a test compiling on 2 cores (routed
+# spans: 11 s vs 57 s). The generated code itself is tested where it is what runs: the compiled ZeRO-3 run
+# (tests/test_distributed.py) and compiled Muon (the quickstart's path).
+GRAPH_BACKEND = "aot_eager_decomp_partition"
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu run where CUDA is (launch/gpu_check.sh runs `pytest -m gpu`); elsewhere they are skipped."""
     import torch

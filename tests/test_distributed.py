@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from sora_train import CONF_DIR
 from sora_train.config import register
 from sora_train.data import PackedLoader, StreamSpec
-from conftest import training_metrics
+from conftest import GRAPH_BACKEND, training_metrics
 from distributed import RESUMABLE, ROOT, step_losses, tiny_model, torchrun
 
 DRIVER = str(ROOT / "tests" / "dist" / "driver.py")
@@ -97,15 +97,16 @@ def test_zero3_gathers_a_block_at_once_with_the_same_result_as_layer_by_layer(ru
 def compiled_runs(dataset, tmp_path_factory):
     """parallel.compile through the trainer under ZeRO-3 (dynamo on, unlike every other run here), each AC policy."""
     tmp, three = tmp_path_factory.mktemp("compiled"), ["optim.steps=3", "optim.grad_accum=1", "parallel.compile=true"]
+    # none: inductor's own kernels against eager; the others' graphs (conftest.GRAPH_BACKEND)
+    backend = {ac: "inductor" if ac == "none" else GRAPH_BACKEND for ac in COMPILED_AC}
     return drive(tmp, 1, dataset / "shards", extra_env={"TORCHDYNAMO_DISABLE": "0"},
-                 **{f"compiled_{ac}": [*three, f"parallel.activation_checkpointing={ac}"]
-                    for ac in COMPILED_AC})
+                 **{f"compiled_{ac}": [*three, f"parallel.activation_checkpointing={ac}",
+                                       f"parallel.compile_backend={backend[ac]}"] for ac in COMPILED_AC})
 
 
 # Under ZeRO-3 through the trainer; every policy compiled is also checked on the model alone (tests/test_model.py:
-# test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says), and elementwise under ZeRO-3 with
-# Ulysses (test_compiled_blocks_under_ulysses_are_one_graph_and_match_eager)
-COMPILED_AC = ("none", "full")
+# test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says)
+COMPILED_AC = ("none", "full", "elementwise")
 
 
 @pytest.mark.parametrize("ac", COMPILED_AC)
@@ -134,7 +135,7 @@ def test_compiled_blocks_under_ulysses_are_one_graph_and_match_eager(runs, datas
     """Ulysses (sp=2) inside the compiled block: DeepSpeed's all-to-alls traced with the attention op and the
     elementwise policy's checkpoint, one graph and no break; the eager sp=2 run's losses and grad norms."""
     compiled = ["optim.steps=3", "optim.grad_accum=1", "parallel.sp=2", "parallel.compile=true",
-                "parallel.activation_checkpointing=elementwise"]
+                "parallel.activation_checkpointing=elementwise", f"parallel.compile_backend={GRAPH_BACKEND}"]
     b = drive(tmp_path, 2, dataset / "shards", extra_env={"TORCHDYNAMO_DISABLE": "0"}, sp2=compiled)["sp2"]
     a = runs["sp2"]
     assert b["graphs"] > 0 and b["graph_breaks"] == [], b["graph_breaks"]

@@ -16,6 +16,7 @@ from sora_train.models.attention import FlexAttention, VarlenAttention, build_at
 from sora_train.models.dit import to_tokens
 from sora_train.models.flops import forward_flops
 from sora_train.bench.memory import kept_for_backward
+from conftest import GRAPH_BACKEND
 from sora_train.models.layers import FractionalPositions
 
 ARGS = DiTArgs(in_channels=8, patch_size=(1, 2, 2), dim=48, depth=2, heads=4, text_dim=16, max_segments=8,
@@ -378,7 +379,7 @@ def test_compiled_blocks_compute_the_eager_function_in_one_graph_without_recompi
     eager = trained_model(args)
     compiled = copy.deepcopy(eager)
     for block in compiled.blocks:
-        block.compile()
+        block.compile(backend=GRAPH_BACKEND)
     torch._dynamo.reset()
     counters.clear()
     graphs, segments = [], set()
@@ -519,7 +520,7 @@ def test_compiled_blocks_on_the_fused_varlen_path_stop_recompiling_after_two_lay
         attention._torch_varlen = lambda q, k, v, cu_q, cu_k, max_q, max_k: torch.ops.sora_test.varlen_attn(
             q, k, v, cu_q, cu_k, max_q, max_k)
     for block in model.blocks:
-        block.compile()
+        block.compile(backend=GRAPH_BACKEND)
     torch._dynamo.reset()
     counters.clear()
     for inputs in packed_layouts(args):
@@ -610,16 +611,10 @@ def test_elementwise_checkpointing_recomputes_no_gemm_and_no_attention():
     assert backward["elementwise"]["other"] > backward["none"]["other"]  # the elementwise work again
 
 
-def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says(monkeypatch):
-    """With the attention one op in the block's graph, checkpointing goes inside the compiled block and the
-    compiler applies the op policies: the same gradients as eager without checkpointing, and the tensors kept for
-    backward shrink from none to elementwise (GEMM and attention outputs) to attention to full. Policies one after
-    another in one process: each block is compiled for its own (dynamo guards on the policy's name).
-
-    And with CUDA's to_tokens (one-hot, `onehot`) a compiled block keeps no more than with CPU's: its backward sums
-    by a one-hot GEMM, and its forward was that GEMM too, whose [tokens, 6 dim] output a compiled block kept for
-    backward (the compiler recomputes no GEMM): 6 of the 1B preset's 31 [tokens, dim] tensors per block (`sora-bench
-    activations`). Now a gather in both: what CPU's path keeps, within indices."""
+def test_a_compiled_block_keeps_no_per_token_modulation_on_either_to_tokens_path(monkeypatch):
+    """CUDA's to_tokens sums its backward by a one-hot GEMM. Its forward was that GEMM too, whose [tokens, 6 dim]
+    output a compiled block kept for backward (the compiler recomputes no GEMM): 6 of the 1B preset's 31 [tokens,
+    dim] tensors per block (`sora-bench activations`). Now a gather in both: what CPU's path keeps, within indices."""
     import functools
 
     import sora_train.models.dit as dit
@@ -627,23 +622,40 @@ def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says(m
 
     args = dataclasses.replace(ARGS, attention="varlen")
     batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
+    kept = {}
+    for onehot in (False, True):
+        monkeypatch.setattr(dit, "to_tokens", functools.partial(dit.to_tokens, onehot=onehot))
+        torch._dynamo.reset()
+        model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), "none", compile_blocks=True,
+                                compile_backend=GRAPH_BACKEND)
+        kept[onehot] = kept_for_backward(model, lambda: run(model, batch, t))
+        monkeypatch.undo()
+    one_tensor = batch.tokens.shape[1] * ARGS.dim * 4  # [tokens, dim] float32
+    assert abs(kept[True] - kept[False]) < one_tensor, kept
+
+
+def test_compiled_blocks_take_every_checkpointing_policy_and_keep_what_it_says():
+    """With the attention one op in the block's graph, checkpointing goes inside the compiled block and the
+    compiler applies the op policies: the same gradients as eager without checkpointing, and the tensors kept for
+    backward shrink from none to elementwise (GEMM and attention outputs) to attention to full. Policies one after
+    another in one process: each block is compiled for its own (dynamo guards on the policy's name)."""
+    from sora_train.parallel import ParallelDims, parallelize_dit
+
+    args = dataclasses.replace(ARGS, attention="varlen")
+    batch, t = pack(make_items(3)), torch.rand(1, ARGS.max_segments)
     torch._dynamo.reset()
     grads, kept = {}, {}
-    for policy, compiled, onehot in (("none", False, False), ("elementwise", True, False), ("attention", True, False),
-                                     ("full", True, False), ("none", True, False), ("none", True, True)):
-        if onehot:
-            monkeypatch.setattr(dit, "to_tokens", functools.partial(dit.to_tokens, onehot=True))
-            torch._dynamo.reset()
-        model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), policy, compile_blocks=compiled)
-        kept[policy, compiled, onehot] = kept_for_backward(model, lambda: run(model, batch, t))
-        grads[policy, compiled, onehot] = [p.grad for p in model.parameters()]
+    for policy, compiled in (("none", False), ("elementwise", True), ("attention", True), ("full", True),
+                             ("none", True)):
+        model = parallelize_dit(trained_model(args).train(), ParallelDims(1, 0, 0, 1), policy, compile_blocks=compiled,
+                                compile_backend=GRAPH_BACKEND)
+        kept[policy, compiled] = kept_for_backward(model, lambda: run(model, batch, t))
+        grads[policy, compiled] = [p.grad for p in model.parameters()]
     for key in grads:
-        for a, b in zip(grads["none", False, False], grads[key]):
+        for a, b in zip(grads["none", False], grads[key]):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    sizes = [kept[p, True, False] for p in ("full", "attention", "elementwise", "none")]
+    sizes = [kept[p, True] for p in ("full", "attention", "elementwise", "none")]
     assert sizes == sorted(set(sizes)), kept
-    one_tensor = batch.tokens.shape[1] * ARGS.dim * 4  # [tokens, dim] float32
-    assert abs(kept["none", True, True] - kept["none", True, False]) < one_tensor, kept
 
 
 def test_compiled_blocks_hold_no_complex_tensors_so_rope_fuses():

@@ -181,6 +181,8 @@ def compose(*overrides):
     (["logging.metrics_every=100", "data.val=/x", "logging.metrics.clip_network=/models/no_clip"],
      r"logging.metrics.clip_network=/models/no_clip: no such file or folder"),
     (["logging.metrics.clips=1"], r"logging.metrics.clips=1: must be >= 2"),
+    (["parallel.compile=true", "parallel.compile_backend=indcutor"], r"parallel.compile_backend='indcutor': use one "
+                                                                    r"of .*inductor"),
 ])
 def test_bad_config_is_refused_naming_the_key(dataset, tmp_path, override, message):
     from sora_train.preflight import ConfigError, preflight

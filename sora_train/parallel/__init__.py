@@ -19,7 +19,8 @@ from .ulysses import UlyssesAttention, gather_sequence, shard_sequence
 
 
 def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointing: str = "none",
-                    compile_blocks: bool = False, float8: str = "none", checkpoint_blocks: int = -1) -> nn.Module:
+                    compile_blocks: bool = False, float8: str = "none", checkpoint_blocks: int = -1,
+                    compile_backend: str = "inductor") -> nn.Module:
     """checkpoint_blocks: how many blocks, from the first, the checkpointing policy applies to (-1: all); the rest
     keep every activation. Memory between the policies' steps: on an H200 the 1B preset at 64k tokens used 36.5 GiB
     with every block checkpointed and ran out of 141 GiB with none (docs/performance.md)."""
@@ -47,7 +48,7 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, activation_checkpointi
             # The block's forward (checkpointed or not), not the module's call: ZeRO-3's hooks on the block stay
             # outside the graph. The checkpoint inside it: the compiler then sees the block whole, attention
             # included (one op: models/packed_attention.py), fuses the recompute and keeps what the op policies say.
-            block.forward = torch.compile(block.forward)
+            block.forward = torch.compile(block.forward, backend=compile_backend)
     return model
 
 
@@ -109,7 +110,7 @@ def parallelize(build_model: Callable[[], nn.Module], p: ParallelConfig, o, micr
     ds_config["checkpoint"]["load_universal"] = load_universal
     mpu = SequenceParallelMPU(dims) if dims.sp > 1 else None
     model = parallelize_dit(build_partitioned(build_model, ds_config, mpu), dims, p.activation_checkpointing,
-                            p.compile, p.float8, p.checkpoint_blocks)
+                            p.compile, p.float8, p.checkpoint_blocks, p.compile_backend)
     if p.zero_stage == 3 and p.zero3_gather == "block":
         gather_per_block(model, ds_config["zero_optimization"])
     if init_weights is not None:

@@ -18,6 +18,10 @@ class ParallelConfig:
     activation_checkpointing: str = "none"
     checkpoint_blocks: int = -1  # the policy applies to this many blocks from the first (-1: all); the rest keep all
     compile: bool = False  # torch.compile each block (after activation checkpointing, before the engine)
+    # torch.compile's backend: inductor (generated kernels: the speed) | aot_eager (the same graphs, forward and
+    # backward, run by eager kernels: tells a fault of inductor's code from one of the traced graph) | any other
+    # registered one
+    compile_backend: str = "inductor"
     # none | tensorwise | rowwise: the blocks' token-wide linear layers in float8 (torchao; Hopper and later;
     # parallel/float8.py says which layers). tensorwise is the faster, rowwise the closer to bf16.
     float8: str = "none"
