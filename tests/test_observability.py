@@ -71,16 +71,22 @@ def test_offline_wandb_run_holds_metrics_and_config_and_resume_continues_the_run
 
 
 def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
-    rows = {}
     profile = tmp_path / "profile.txt"
-    for path, extra in (("trainer", ["--ac", "none", "full", "--profile", str(profile)]),  # the step users get
-                        ("bare", ["--bare"])):  # the model alone
-        out = tmp_path / f"{path}.json"
-        r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "tiny", "--seq-len", "256",
-                            "--attention", "varlen", "--steps", "1", "--warmup", "1", "--peak-tflops", "2", *extra,
-                            "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        rows[path] = json.loads(out.read_text())
+    model = ["-m", "sora_train.bench", "model", "--model", "tiny", "--seq-len", "256", "--attention", "varlen",
+             "--steps", "1", "--warmup", "1", "--peak-tflops", "2"]
+    commands = {"trainer": [*model, "--ac", "none", "full", "--profile", str(profile)],  # the step users get
+                "bare": [*model, "--bare"],  # the model alone
+                "packing": ["-m", "sora_train.bench", "packing", "--data", str(dataset / "shards"), "--seq-len", "1024"],
+                "params": ["-m", "sora_train.bench", "model", "--model", "30B", "--params-only"]}
+    # All at once: each spends seconds importing torch, and no assertion below compares their speeds.
+    running = {name: subprocess.Popen([sys.executable, *cmd] + ([] if name == "params" else
+                                                                ["--json", str(tmp_path / f"{name}.json")]),
+                                      cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, cmd in commands.items()}
+    done = {name: p.communicate(timeout=300) + (p.returncode,) for name, p in running.items()}
+    for name, (_, err, code) in done.items():
+        assert code == 0, (name, err[-2000:])
+    rows = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("trainer", "bare", "packing")}
     trainer, (bare,) = rows["trainer"], rows["bare"]
     assert [(t["path"], t["activation_checkpointing"]) for t in trainer] == [("trainer", "none"), ("trainer", "full")]
     assert bare["path"] == "bare" and trainer[0]["zero_stage"] == 3 and trainer[0]["optimizer"] == "adamw"
@@ -98,16 +104,9 @@ def test_sora_bench_model_and_packing_write_json(dataset, tmp_path):
     assert any("aten::mm" in e.get("name", "") for e in trace["traceEvents"])
     # One FLOP count (models/flops.py) for both: the same rows, the same work per step.
     assert trainer[0]["tflops"] * trainer[0]["step_s"] == pytest.approx(bare["tflops"] * bare["step_s"], rel=1e-9)
-    out = tmp_path / "pack.json"
-    r = subprocess.run([sys.executable, "-m", "sora_train.bench", "packing", "--data", str(dataset / "shards"),
-                        "--seq-len", "1024", "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    (row,) = json.loads(out.read_text())
+    (row,) = rows["packing"]
     assert row["samples"] >= 3 * 48 and row["packing_efficiency"] > row["pad_to_longest_efficiency"]
-    r = subprocess.run([sys.executable, "-m", "sora_train.bench", "model", "--model", "30B", "--params-only"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "params=" in r.stdout
+    assert "params=" in done["params"][0]
 
 
 def test_a_configuration_that_fails_mid_step_is_reported_and_cleaned_up_before_the_next(tmp_path):
