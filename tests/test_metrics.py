@@ -206,3 +206,28 @@ def test_training_metrics_over_two_ranks_equal_sora_eval_on_the_checkpoint_they_
         assert report["results"]["guidance_4.0"][k] == pytest.approx(logged[10][f"metrics/{k}"], rel=1e-3, abs=1e-6)
     for k in ("fvd", "fid", "clipscore"):
         assert report["results"]["real_halves"][k] == pytest.approx(logged[5][f"metrics/floor_{k}"], rel=1e-6)
+
+
+def test_held_out_clips_are_decoded_by_their_own_codec_and_unreadable_videos_skipped(dataset, tmp_path):
+    """Shards encoded with another codec than the checkpoint's decode with theirs (the manifest names it), at
+    their own pixel size; a captions.jsonl row whose video is missing or corrupt is skipped and counted."""
+    import shutil
+
+    from sora_train.codecs import PixelCodec
+    from sora_train.inference.metrics import held_out
+
+    other = PixelCodec((1, 2, 2))  # the checkpoint's, say; the test shards are pixel-1x4x4
+    items, skipped = held_out(str(dataset / "shards"), 3, other, None)
+    assert skipped == 0 and all(it.codec is not None and it.codec.info.name == "pixel-1x4x4" for it in items)
+    for it in items:
+        assert it.frames(other).shape == (it.size[0], it.size[1], it.size[2], 3)
+        assert it.size[1] == it.latent.shape[2] * 4  # the shards' factors, not the checkpoint's
+    raw = dataset / "raw"
+    rows = (raw / "captions.jsonl").read_text().splitlines()[:3]
+    videos = tmp_path / "videos"
+    shutil.copytree(raw / "videos", videos)
+    broken = json.loads(rows[1])["path"]
+    (tmp_path / broken).write_bytes(b"not a video")  # the second row's file, corrupt
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows + ['{"path": "videos/missing.mp4", "caption": "x"}']))
+    items, skipped = held_out(str(tmp_path / "captions.jsonl"), 10, other, [4, 32, 32])
+    assert len(items) == 2 and skipped == 2 and [it.index for it in items] == [0, 1]

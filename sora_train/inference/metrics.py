@@ -37,13 +37,14 @@ class HeldOut:
     where: str
     latent: np.ndarray | None = None
     path: str | None = None
+    codec: object | None = None  # the one the shards were encoded with, where it is not the checkpoint's
 
     def frames(self, codec) -> np.ndarray:
         """The real clip, uint8 [T,H,W,3] at `size` (resized to cover it and centre-cropped where it differs)."""
         if self.latent is not None:
             from .generate import to_frames
 
-            video = to_frames(codec, torch.from_numpy(self.latent.astype(np.float32)))
+            video = to_frames(self.codec or codec, torch.from_numpy(self.latent.astype(np.float32)))
         else:
             from ..video_io import read_video
 
@@ -71,16 +72,22 @@ def held_out(real: str, clips: int, codec, size: list[int] | None, key: str = "r
     fixed = tuple(int(v) for v in size) if size else None
     if str(real).endswith(".jsonl"):
         return _videos(Path(real), clips, fixed, key)
+    from ..codecs import codec_from_manifest_name
     from ..data.decode import BadSample, load_npy
-    from ..data.shards import list_shards
+    from ..data.shards import list_shards, load_manifest
     from ..data.stream import read_shard
 
-    ft, fh, fw = codec.info.factors
     items, skipped, errors = [], 0, []
     try:
         urls = list_shards(real)
+        manifest = load_manifest(real) or {}
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{key}={real}: {e}") from e
+    own = manifest.get("codec", {}).get("name")  # decoded by the codec they were encoded with
+    device = str(getattr(codec, "device", "cpu"))  # a VAE's; the pixel codec has none
+    real_codec = codec_from_manifest_name(own, device=device) if own and own != codec.info.name else None
+    ft, fh, fw = (real_codec or codec).info.factors
+    causal = (real_codec or codec).info.causal_time
     for url in urls:
         for raw in read_shard(url, lambda u, k, why: errors.append(f"{u}: {why}")):
             if len(items) == clips:
@@ -95,9 +102,9 @@ def held_out(real: str, clips: int, codec, size: list[int] | None, key: str = "r
                 skipped += 1
                 continue
             _, t, h, w = latent.shape
-            frames = 1 + (t - 1) * ft if codec.info.causal_time else t * ft
+            frames = 1 + (t - 1) * ft if causal else t * ft
             items.append(HeldOut(len(items), caption, fixed or (frames, h * fh, w * fw), f"{url}#{raw['__key__']}",
-                                 latent=latent))
+                                 latent=latent, codec=real_codec))
         if len(items) == clips:
             break
     if not items:
@@ -121,13 +128,23 @@ def _videos(path: Path, clips: int, size, key: str) -> tuple[list[HeldOut], int]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{line_no}: a row needs \"path\" and \"caption\" ({e})") from e
         video = Path(video) if Path(video).is_absolute() else path.parent / video
-        if not video.is_file() or not isinstance(caption, str) or not caption:
+        if not video.is_file() or not isinstance(caption, str) or not caption or not _readable(video):
             skipped += 1
             continue
         items.append(HeldOut(len(items), caption, size, f"{path}:{line_no}", path=str(video)))
     if not items:
         raise ValueError(f"{key}={path}: no row with an existing video and a caption")
     return items, skipped
+
+
+def _readable(video: Path) -> bool:
+    """A video whose container and stream PyAV can open (a corrupt one is skipped and counted, not read later)."""
+    from ..video_io import VideoReadError, probe_video
+
+    try:
+        return probe_video(video).frames > 0
+    except VideoReadError:
+        return False
 
 
 def batches(items: list[HeldOut], batch: int) -> list[list[HeldOut]]:
