@@ -149,6 +149,11 @@ class VarlenAttention(AttentionBackend):
         except ImportError:
             varlen_attn = None
         self._flash, self._torch_varlen = flash_attn_varlen_func, varlen_attn
+        if self._flash is not None:
+            # flash-attn's package is left out of compiled graphs (not measured traced): a compiled block with it
+            # breaks its graph here, and a checkpointed one runs eager. Applied here, not as a decorator: that
+            # imports torch._dynamo (1.4 s of every process's start on 2 cores) where nothing compiles.
+            self._flash_attn_varlen = torch.compiler.disable(self._flash_attn_varlen)
         self.kernel = "flash_attn" if self._flash else "torch_varlen" if self._torch_varlen else "sdpa_per_sequence"
         if kernel is not None:
             if kernel not in self.KERNELS:
@@ -213,9 +218,6 @@ class VarlenAttention(AttentionBackend):
             return packed_attention(qf, kf, vf, mask["lengths"])[0]
         return self._sdpa_per_sequence(qf, kf, vf, mask)  # eager: SDPA's own autograd, every measured eager row's
 
-    # flash-attn's package is left out of compiled graphs (not measured traced): a compiled block with it breaks
-    # its graph here, and a checkpointed one runs eager.
-    @torch.compiler.disable
     def _flash_attn_varlen(self, qf, kf, vf, mask):
         return self._flash(qf, kf, vf, mask["cu_q"], mask["cu_k"], mask["max_q"], mask["max_k"])
 
