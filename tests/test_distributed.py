@@ -473,23 +473,27 @@ def test_elastic_resume_shrinks_then_grows_the_world(dataset, tmp_path):
 
 # ---- collectives under NCCL: only tensors on the training device --------------------------------
 
-def test_trainer_hands_collectives_only_tensors_built_on_the_training_device(dataset, tmp_path):
+def test_trainer_hands_collectives_only_tensors_built_on_the_training_device(dataset, metric_networks, tmp_path):
     """NCCL has no CPU backend: a collective on a tensor the trainer built on the host fails on the first GPU
     step. Through a full run on 2 ranks (SP=2: validation gathers rows; a NaN step: the non-finite agreement;
-    checkpoints; the stop-signal agreement every step), every collective sora_train itself issues must come
-    from the code that builds its tensors on the training device, and be on that device."""
+    checkpoints; the stop-signal agreement every step; FVD/FID/CLIPScore at the last step: the EMA gathered, the
+    features gathered), every collective sora_train itself issues must come from the code that builds its tensors
+    on the training device, and be on that device."""
     out = tmp_path / "probe.json"
+    metrics = {f"logging.metrics.{k}": v for k, v in training_metrics(metric_networks, dataset / "shards").items()}
     torchrun(2, [str(ROOT / "tests" / "dist" / "collective_devices.py"), str(out), "2",
                  *tiny_model(dataset / "shards", tmp_path / "run", **{
                      "optim.steps": 3, "parallel.sp": 2, "checkpoint.every": 2, "data.val": str(dataset / "shards"),
-                     "logging.val_every": 2, "logging.val_batches": 1, "ema.enabled": True})])
+                     "logging.val_every": 2, "logging.val_batches": 1, "ema.enabled": True,
+                     "logging.metrics_every": 3, "diffusion.steps": 2, "logging.metrics.clips": 4, **metrics})])
     probe = json.loads(out.read_text())
     records = probe["records"]
     callers = {r["caller"].split(":")[0] for r in records}
     built_elsewhere = [r for r in records
                        if r["caller"].split(":")[0] not in ("parallel/collectives.py", "parallel/ulysses.py", "engine/ema.py")]
     assert not built_elsewhere, built_elsewhere
-    assert {"parallel/collectives.py", "parallel/ulysses.py"} <= callers, callers
+    assert {"parallel/collectives.py", "parallel/ulysses.py", "engine/ema.py"} <= callers, callers
+    assert any("metrics/fvd" in json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl"))  # it measured
     assert all(r["devices"] == [probe["device"]] for r in records), records
 
 
