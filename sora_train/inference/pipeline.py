@@ -120,14 +120,10 @@ class Pipeline:
     def encode_frames(self, frames: np.ndarray, height: int, width: int) -> torch.Tensor:
         """uint8 [T,H,W,3] (an image is T=1) -> latent [C,T',H',W'] at the output's size (resized to cover it,
         centre-cropped), through the checkpoint's codec."""
-        from torchvision.transforms.v2 import functional as TF
+        from .metrics import fit
 
-        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-        s = max(height / video.shape[2], width / video.shape[3])
-        video = TF.resize(video, [max(height, round(video.shape[2] * s)), max(width, round(video.shape[3] * s))],
-                          antialias=True) if s != 1 else video
-        video = TF.center_crop(video, [height, width]).float() / 127.5 - 1.0
-        return self.codec.encode(video.permute(1, 0, 2, 3)[None].to(self.device))[0].cpu()
+        video = torch.tensor(fit(frames, height, width)).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # [3,T,H,W]
+        return self.codec.encode(video[None].to(self.device))[0].cpu()
 
     def warn_if_not_trained_for_given_frames(self) -> None:
         """Once per pipeline: frames can be given to any checkpoint (they are kept exactly), but one trained without
